@@ -1,0 +1,211 @@
+"""Typed, validated configs for a model and its training, with a stable hash.
+
+Constraints are declared once per field (in `_CONSTRAINTS`) and every violation is reported with one
+message template, in the style of scikit-learn's parameter validation:
+"The 'dropout' parameter of ModelConfig must be a float in the range [0, 1). Got 1.5 instead."
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+MODALITIES: tuple[str, ...] = ("vision", "text", "audio")  # the lab's order: model(vision, text, audio)
+
+
+class ConfigError(ValueError):
+    """A config value or key a user wrote is not valid; the message says which and what is allowed."""
+
+
+# --- constraint helpers: (predicate, description) ---------------------------------------------------
+
+def _int_range(lo: int, hi: float = math.inf) -> tuple[Callable[[Any], bool], str]:
+    upper = "inf" if hi == math.inf else str(hi)
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+            f"an int in the range [{lo}, {upper}]")
+
+
+def _float_range(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    hi_txt = "inf" if hi == math.inf else f"{hi:g}"
+    return ok, f"a float in the range {'(' if lo_open else '['}{lo:g}, {hi_txt}{')' if hi_open or hi == math.inf else ']'}"
+
+
+def _one_of(*options):
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _bool():
+    return (lambda v: isinstance(v, bool)), "a bool"
+
+
+def _optional(check):
+    pred, desc = check
+    return (lambda v: v is None or pred(v)), f"None or {desc}"
+
+
+def _validate(obj: Any) -> None:
+    name = type(obj).__name__
+    for key, (pred, desc) in obj._CONSTRAINTS.items():
+        value = getattr(obj, key)
+        if not pred(value):
+            raise ConfigError(f"The '{key}' parameter of {name} must be {desc}. Got {value!r} instead.")
+
+
+def _from_dict(cls, values: Mapping[str, Any] | None):
+    values = dict(values or {})
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"Unknown parameter(s) {unknown} for {cls.__name__}; allowed: {allowed}.")
+    return cls(**values)
+
+
+# --- the configs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every model variant of the lab. The defaults are the lab's baseline (582,067 parameters)."""
+
+    modalities: tuple[str, ...] = MODALITIES   # any non-empty subset; kept in the lab's order
+    input_layernorm: bool = True               # LayerNorm(dim) on each modality's raw features
+    encoder: str = "lstm"                      # name in msa.models.ENCODERS
+    hidden: int = 128                          # width of every encoder, the fusion and the head input
+    encoder_layers: int = 1
+    heads: int = 4                             # attention heads (transformer encoder, attention fusions)
+    ff_dim: int = 256                          # transformer feed-forward width
+    dropout: float = 0.1
+    pooling: str = "last"                      # how a modality sequence becomes one vector: last step or mean
+    mask_padding: bool = False                 # ignore zero-padded steps (the lab's variants do not)
+    fusion: str = "sum_lstm"                   # name in msa.models.FUSIONS
+
+    _CONSTRAINTS = {
+        "modalities": ((lambda v: isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v)
+                        and all(m in MODALITIES for m in v)),
+                       f"a non-empty list of distinct names from {list(MODALITIES)}"),
+        "input_layernorm": _bool(),
+        "encoder": _one_of("lstm", "transformer"),
+        "hidden": _int_range(1),
+        "encoder_layers": _int_range(1),
+        "heads": _int_range(1),
+        "ff_dim": _int_range(1),
+        "dropout": _float_range(0.0, 1.0, hi_open=True),
+        "pooling": _one_of("last", "mean"),
+        "mask_padding": _bool(),
+        "fusion": _one_of("sum_lstm", "sum_transformer", "self_attention", "query_attention"),
+    }
+
+    def __post_init__(self):
+        mods = (self.modalities,) if isinstance(self.modalities, str) else self.modalities
+        if isinstance(mods, (list, tuple)) and set(mods) <= set(MODALITIES) and len(set(mods)) == len(mods):
+            # canonical order, so that [text, audio] and [audio, text] are the same run
+            mods = tuple(m for m in MODALITIES if m in mods)
+        object.__setattr__(self, "modalities", tuple(mods) if isinstance(mods, list) else mods)
+        _validate(self)
+        if self.hidden % self.heads and (self.encoder == "transformer" or "attention" in self.fusion):
+            raise ConfigError(f"The 'hidden' parameter of ModelConfig must be divisible by 'heads' "
+                              f"({self.heads}) for attention. Got {self.hidden} instead.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "ModelConfig":
+        return _from_dict(cls, values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The lab's training protocol by default: Adam 1e-3, batch 16, 20 epochs, per-batch cosine LR."""
+
+    loss: str = "mse"                          # mse (lab), l1 (MAE), huber (SmoothL1)
+    huber_delta: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    epochs: int = 20
+    scheduler: str = "cosine"                  # cosine: CosineAnnealingLR, T_max = epochs x batches, stepped per batch
+    grad_clip: float | None = None             # max global grad norm; None = off
+    patience: int | None = None                # early stopping on the selection metric; None = off
+    select_metric: str = "Corr"                # validation metric that picks the checkpoint
+    eval_batch_size: int = 256                 # inference only; does not change results beyond float rounding
+
+    _CONSTRAINTS = {
+        "loss": _one_of("mse", "l1", "huber"),
+        "huber_delta": _float_range(0.0, math.inf, lo_open=True),
+        "lr": _float_range(0.0, math.inf, lo_open=True),
+        "weight_decay": _float_range(0.0, math.inf),
+        "batch_size": _int_range(1),
+        "epochs": _int_range(1),
+        "scheduler": _one_of("cosine", "none"),
+        "grad_clip": _optional(_float_range(0.0, math.inf, lo_open=True)),
+        "patience": _optional(_int_range(1)),
+        "select_metric": _one_of("Corr", "MAE", "Has0_acc_2", "Has0_F1_score", "Non0_acc_2",
+                                 "Non0_F1_score", "Mult_acc_3", "Mult_acc_5", "Mult_acc_7", "val_loss"),
+        "eval_batch_size": _int_range(1),
+    }
+
+    def __post_init__(self):
+        _validate(self)
+
+    @property
+    def select_mode(self) -> str:
+        """'max' when a larger selection metric is better, else 'min'."""
+        return "min" if self.select_metric in ("MAE", "val_loss") else "max"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "TrainConfig":
+        return _from_dict(cls, values)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one training run needs besides the data and the seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "RunConfig":
+        values = dict(values or {})
+        unknown = sorted(set(values) - {"model", "train"})
+        if unknown:
+            raise ConfigError(f"Unknown section(s) {unknown} in the run config; allowed: ['model', 'train'].")
+        return cls(model=ModelConfig.from_dict(values.get("model")),
+                   train=TrainConfig.from_dict(values.get("train")))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"model": _plain(self.model), "train": _plain(self.train)}
+
+    def flat(self) -> dict[str, Any]:
+        """`{"model.hidden": 128, ...}`: how params are logged."""
+        return {f"{section}.{k}": v for section, d in self.to_dict().items() for k, v in d.items()}
+
+    def config_hash(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+def _plain(cfg) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """A hash of a JSON-able object that does not depend on key order or the Python process."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it, section by section (how an ablation modifies the baseline)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for k, v in (override or {}).items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
