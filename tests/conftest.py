@@ -6,7 +6,13 @@ import pytest
 
 os.environ.setdefault("MSA_PROGRESS", "0")  # no progress bars in test logs
 
+import torch  # noqa: E402
+
 from msa.synthetic import make_synthetic  # noqa: E402
+
+# One intra-op thread: tests train tiny models, for which more threads only add contention on
+# a 2-core CI machine (and worker processes the pipeline tests start need the other core).
+torch.set_num_threads(1)
 
 TINY_SIZES = (48, 24, 24)
 
