@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from msa.config import ConfigError
 from msa.data import DataError
+from pipelines.spec import SpecError
 
 EXIT_USER_ERROR = 2
 
@@ -20,7 +21,8 @@ class UserError(Exception):
     """Anything a user can fix from the message alone."""
 
 
-USER_ERRORS = (UserError, DataError, ConfigError)
+USER_ERRORS = (UserError, DataError, ConfigError, SpecError)
+EXIT_INTERRUPTED = 130
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -29,6 +31,113 @@ def _prepare(args: argparse.Namespace) -> int:
     data = prepare(args.data, quick=args.quick)
     print(data.summary())
     return 0
+
+
+def _ablations(args: argparse.Namespace) -> int:
+    from pipelines import suite
+
+    spec = suite.resolve_spec(args.spec, only=args.only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
+    result = suite.run_suite(spec, data_source=args.data, quick=args.quick, workers=args.workers)
+    suite.report(result, suite.compare_suite(result))
+    return 1 if result.failed else 0
+
+
+def _add_ablations(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablations", help="train, evaluate and compare every ablation of a spec over its seeds",
+                       description="Run prepare -> train -> evaluate -> compare for every (ablation, seed) of "
+                                   "the spec, recording each run in MLflow. Runs already FINISHED in the store "
+                                   "are skipped; an interrupted suite finishes what is missing when re-run.")
+    p.add_argument("--spec", metavar="FILE", help="pipeline spec (default: pipelines/specs/ablations.yaml)")
+    p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the spec's, synthetic)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these ablations (names from the spec)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the spec's three)")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: the spec's, 20)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="parallel worker processes (default: one per core, cores split between them)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke profile: small synthetic data with the real dims, 2 epochs, one seed")
+    p.set_defaults(func=_ablations)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pipelines.stages import compare as stage
+
+    try:
+        client, experiment_id = stage.open_experiment(args.experiment, suite_run_id=args.suite, spec_path=args.spec)
+        comparison = stage.compare(client, experiment_id, suite_run_id=args.suite)
+    except stage.CompareError as e:
+        raise UserError(str(e)) from None
+    print(stage.format_table(comparison))
+    print(f"\nReport: {comparison.paths['report.html']}  (also comparison.csv, comparison.md; logged on suite run "
+          f"{comparison.suite_run_id} under comparison/)")
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare a suite's ablations with the baseline (no training)",
+                       description="Rebuild the comparison of the latest suite (or --suite) from the tracking "
+                                   "store alone: a table on the terminal, and comparison.csv, comparison.md and "
+                                   "report.html in reports/<experiment>/, also logged on the suite's run.")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
+    p.add_argument("--suite", metavar="RUN_ID", help="the suite's parent run id (default: the latest suite)")
+    p.add_argument("--spec", metavar="FILE", help="spec whose experiment is the default (default: ablations.yaml)")
+    p.set_defaults(func=_compare)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipelines import suite, tune
+
+    try:
+        done = tune.tune(tune.load_tune_spec(args.spec), data_source=args.data, quick=args.quick, epochs=args.epochs,
+                         trials=args.trials, timeout=args.timeout, storage=args.storage, study_name=args.study,
+                         workers=args.workers)
+    except tune.TuneError as e:
+        raise UserError(str(e)) from None
+    print(tune.summary(done.session))
+    if done.comparison is not None:
+        from pipelines.stages.compare import format_table
+        print("\n" + format_table(done.comparison))
+        print(f"Report: {done.comparison.paths['report.html']}")
+    if done.comparison_note:
+        print(done.comparison_note)
+    if done.suite is None:
+        return 1
+    print()
+    suite.report(done.suite)
+    return 1 if done.suite.failed else 0
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="search the improved model's hyperparameters with Optuna, then compare it",
+                       description="Run (or continue) an Optuna study around the improved model: each trial "
+                                   "trains on train and is scored and pruned on valid only. The best trial "
+                                   "becomes the ablation 'improved_tuned', trained over the suite's seeds and "
+                                   "compared with the baseline and 'improved'. Re-running continues the study.")
+    p.add_argument("--spec", metavar="FILE", help="tune spec (default: pipelines/specs/tune.yaml)")
+    p.add_argument("--trials", type=_positive_int, metavar="N",
+                   help="the study's total trials to reach (default: the spec's 50, or 8 with --quick); "
+                        "a re-run runs only what is missing, so raise N to search further")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--storage", metavar="URL|PATH",
+                   help="Optuna storage: a URL (postgresql://... for several machines) or a journal file "
+                        "(default: mlruns/optuna/journal.log)")
+    p.add_argument("--study", metavar="NAME", help="study name (default: the spec's, with -quick for --quick)")
+    p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the ablations spec's)")
+    p.add_argument("--epochs", type=_positive_int, metavar="N",
+                   help="epochs per trial and per final run (default: the ablations spec's)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="local processes searching the study together (default 1: reproducible trial by "
+                        "trial); cores are split between them")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke profile: small synthetic data, 2 epochs per trial, few trials")
+    p.set_defaults(func=_tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Later pipelines (ablations, compare, tune) register their sub-commands here.
-_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = []
+_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare]
+_EXTRA_PIPELINES.append(_add_tune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: runs in flight were recorded as KILLED; finished runs are kept. "
+              "Run the same command again to finish only what is missing.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""What a person watching a suite sees: a bar over all epochs with ETA, and one line per finished run."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from pipelines.stages.train import RunOutcome
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class SuiteProgress:
+    def __init__(self, total_runs: int, total_epochs: int, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.total_runs, self.total_epochs = total_runs, total_epochs
+        self.done_runs, self.done_epochs = 0, 0
+        self.seen: dict[tuple[str, int], int] = {}   # (ablation, seed) -> epochs reported
+        self.start = time.monotonic()
+        show_bar = os.environ.get("MSA_PROGRESS", "1") != "0" and self.stream.isatty()
+        self.bar = tqdm(total=total_epochs, unit="epoch", file=self.stream, disable=not show_bar,
+                        dynamic_ncols=True, leave=False)
+
+    def eta(self) -> float:
+        if self.done_epochs == 0:
+            return math.inf
+        rate = (time.monotonic() - self.start) / self.done_epochs
+        return rate * max(0, self.total_epochs - self.done_epochs)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "epoch":
+            return
+        self.done_epochs += 1
+        key = (event["ablation"], event["seed"])
+        self.seen[key] = self.seen.get(key, 0) + 1
+        self.bar.update(1)
+        corr = event.get("val_Corr")
+        corr_txt = f"{corr:.3f}" if isinstance(corr, float) and math.isfinite(corr) else "nan"
+        self.bar.set_postfix_str(f"{event['ablation']}/seed-{event['seed']} epoch {event['epoch']}/"
+                                 f"{event['epochs']} val Corr {corr_txt}")
+
+    def skip_epochs(self, n: int) -> None:
+        """Epochs a run did not need (early stop): take them off the ETA."""
+        self.total_epochs -= n
+        self.bar.total = self.total_epochs
+        self.bar.refresh()
+
+    def on_done(self, outcome: RunOutcome, planned_epochs: int) -> None:
+        self.done_runs += 1
+        epochs_run = self.seen.get((outcome.ablation, outcome.seed), 0)
+        if epochs_run < planned_epochs:  # early stop or failure: those epochs will never come
+            self.skip_epochs(planned_epochs - epochs_run)
+        name = f"{outcome.ablation}/seed-{outcome.seed}"
+        if outcome.status == "FINISHED" and outcome.test_metrics:
+            m = outcome.test_metrics
+            detail = (f"test Corr {m['Corr']:.3f}  MAE {m['MAE']:.3f}  Acc-2 {m['Has0_acc_2']:.3f}  "
+                      f"best epoch {outcome.best_epoch}")
+        else:
+            detail = f"{outcome.status}: {outcome.error or ''}"[:120]
+        self.write(f"[{self.done_runs:>{len(str(self.total_runs))}}/{self.total_runs}] {name:<30} {detail}  "
+                   f"{_fmt_duration(outcome.seconds)}  suite ETA {_fmt_duration(self.eta())}")
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=self.stream)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start

@@ -1,0 +1,109 @@
+"""Declarative pipeline specs: a base config plus named ablations as small overrides of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from msa.config import ConfigError, RunConfig, deep_merge
+
+DEFAULT_SPEC = Path(__file__).parent / "specs" / "ablations.yaml"
+SPEC_KEYS = ("experiment", "data", "seeds", "base", "ablations", "quick")
+QUICK_KEYS = ("epochs", "seeds")
+
+
+class SpecError(ValueError):
+    """A spec file is not valid; the message names the file, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    experiment: str
+    data: str
+    seeds: tuple[int, ...]
+    base: dict[str, Any]
+    ablations: dict[str, RunConfig]          # in the spec's order; baseline first by convention
+    overrides: dict[str, dict[str, Any]]     # what each ablation changes, as written
+    quick: dict[str, Any]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.ablations)
+
+    def select(self, only: Sequence[str] | None) -> "Spec":
+        """Only the named ablations, in the spec's order; an unknown name is an error."""
+        if not only:
+            return self
+        unknown = [n for n in only if n not in self.ablations]
+        if unknown:
+            raise SpecError(f"{self.path}: unknown ablation(s) {unknown}; the spec has {self.names}")
+        keep = [n for n in self.ablations if n in only]
+        return replace(self, ablations={n: self.ablations[n] for n in keep},
+                       overrides={n: self.overrides[n] for n in keep})
+
+    def with_train(self, **train: Any) -> "Spec":
+        """Every ablation with these TrainConfig fields set (e.g. epochs from the command line)."""
+        if not train:
+            return self
+        return replace(self, ablations={
+            n: RunConfig.from_dict(deep_merge(c.to_dict(), {"train": train})) for n, c in self.ablations.items()})
+
+    def with_ablation(self, name: str, override: Mapping[str, Any]) -> "Spec":
+        """The spec plus one more ablation (the tuned model joins this way)."""
+        config = _resolve(self.path, name, self.base, override)
+        return replace(self, ablations={**self.ablations, name: config},
+                       overrides={**self.overrides, name: dict(override)})
+
+
+def load_spec(path: str | Path | None = None) -> Spec:
+    path = Path(path) if path else DEFAULT_SPEC
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_spec(raw, str(path))
+
+
+def parse_spec(raw: Any, path: str) -> Spec:
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: expected a mapping with keys {list(SPEC_KEYS)}")
+    _check_keys(raw, SPEC_KEYS, path, "the spec")
+    for key in ("experiment", "ablations"):
+        if key not in raw:
+            raise SpecError(f"{path}: missing key '{key}'")
+    seeds = raw.get("seeds", [1111, 1112, 1113])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise SpecError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    base = raw.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise SpecError(f"{path}: 'base' must be a mapping with 'model' and/or 'train'")
+    ablations = raw["ablations"]
+    if not isinstance(ablations, Mapping) or not ablations:
+        raise SpecError(f"{path}: 'ablations' must be a non-empty mapping of name -> override")
+    quick = raw.get("quick") or {}
+    _check_keys(quick, QUICK_KEYS, path, "'quick'")
+    overrides = {str(n): dict(o or {}) for n, o in ablations.items()}
+    resolved = {n: _resolve(path, n, base, o) for n, o in overrides.items()}
+    return Spec(path=path, experiment=str(raw["experiment"]), data=str(raw.get("data", "synthetic")),
+                seeds=tuple(seeds), base=dict(base), ablations=resolved, overrides=overrides, quick=dict(quick))
+
+
+def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[str, Any]) -> RunConfig:
+    if not isinstance(override, Mapping):
+        raise SpecError(f"{path}: ablation '{name}' must be a mapping with 'model' and/or 'train'")
+    try:
+        return RunConfig.from_dict(deep_merge(base, override))
+    except (ConfigError, TypeError) as e:
+        raise SpecError(f"{path}: ablation '{name}': {e}") from None
+
+
+def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], path: str, where: str) -> None:
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise SpecError(f"{path}: unknown key '{unknown[0]}' in {where}; allowed: {list(allowed)}")

@@ -1,0 +1,185 @@
+"""The ablations pipeline: prepare -> train -> evaluate -> compare, wired by name.
+
+A suite is one parent MLflow run; each (ablation, seed) is a nested child run. A child whose
+identity (resolved config, data digest, seed) is already FINISHED in the store is reported as
+cached and not trained again, so re-running a finished suite trains nothing and an interrupted
+one finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence, TextIO
+
+
+from msa.metrics import eval_mosi_regression
+from pipelines import tracking
+from pipelines.executor import DataRef, default_workers, describe, install_sigterm_handler, run_tasks
+from pipelines.progress import SuiteProgress, _fmt_duration
+from pipelines.spec import Spec, load_spec
+from pipelines.stages.prepare import SYNTHETIC, prepare
+from pipelines.stages.train import RunOutcome, RunTask
+
+
+@dataclass
+class SuiteRow:
+    ablation: str
+    seed: int
+    run_key: str
+    run_id: str | None
+    status: str                      # FINISHED | FAILED | KILLED | CACHED (FINISHED earlier)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class SuiteResult:
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    rows: list[SuiteRow]
+    synthetic: bool
+    seconds: float
+
+    @property
+    def failed(self) -> list[SuiteRow]:
+        return [r for r in self.rows if r.status not in ("FINISHED", "CACHED")]
+
+
+def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Sequence[int] | None,
+                 epochs: int | None, quick: bool) -> Spec:
+    """The spec with the profile and command-line overrides applied (command line wins)."""
+    spec = load_spec(spec_path).select(only)
+    if quick:
+        spec = spec.with_train(epochs=spec.quick.get("epochs", 2))
+        spec = _with_seeds(spec, spec.quick.get("seeds", [spec.seeds[0]]))
+    if epochs is not None:
+        spec = spec.with_train(epochs=epochs)
+    if seeds:
+        spec = _with_seeds(spec, seeds)
+    return spec
+
+
+def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
+    from dataclasses import replace
+    return replace(spec, seeds=tuple(int(s) for s in seeds))
+
+
+def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False, workers: int | None = None,
+              stream: TextIO | None = None, extra_ablations: dict[str, dict[str, Any]] | None = None,
+              suite_name: str = "ablations") -> SuiteResult:
+    """Train and evaluate every (ablation, seed) of `spec` that the store does not hold yet."""
+    stream = stream or sys.stderr
+    source = data_source or spec.data
+    for name, override in (extra_ablations or {}).items():
+        spec = spec.with_ablation(name, override)
+    data = prepare(source, quick=quick)
+    say = lambda line: print(line, file=stream, flush=True)  # noqa: E731
+    say(data.summary().splitlines()[0])
+
+    client, experiment_id = tracking.setup(spec.experiment)
+    tasks_all: list[tuple[str, int, str]] = []
+    for ablation, config in spec.ablations.items():
+        for seed in spec.seeds:
+            tasks_all.append((ablation, seed, tracking.run_key(config.to_dict(), data.digest, seed)))
+    cached = tracking.finished_runs(client, experiment_id, [k for *_, k in tasks_all])
+
+    parent = client.create_run(experiment_id, run_name=f"{suite_name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
+        "suite": suite_name, "spec": spec.path, "synthetic": str(data.synthetic).lower(),
+        "data_digest": data.digest, "data_source": data.source, "code_version": tracking.code_version(),
+        "quick": str(quick).lower()})
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[_param(k, v) for k, v in {
+        "ablations": ",".join(spec.ablations), "seeds": ",".join(map(str, spec.seeds)),
+        "epochs": ",".join(sorted({str(c.train.epochs) for c in spec.ablations.values()})),
+        "n_runs": len(tasks_all)}.items()])
+    if data.has_oracle:  # the best score reachable on synthetic data, for the comparison's oracle row
+        oracle = eval_mosi_regression(data["test"].oracle, data["test"].labels)
+        for k, v in oracle.items():
+            if math.isfinite(v):
+                client.log_metric(parent_id, f"oracle_test_{k}", v)
+
+    tb_dir = str(tracking.tensorboard_dir(spec.experiment))
+    tasks = [RunTask(a, s, spec.ablations[a], k, experiment_id, parent_id, tb_dir)
+             for a, s, k in tasks_all if k not in cached]
+    workers = workers or default_workers(len(tasks))
+    rows = {(a, s): SuiteRow(a, s, k, cached[k].info.run_id, "CACHED", _test_metrics(cached[k]))
+            for a, s, k in tasks_all if k in cached}
+    say(f"{len(tasks_all)} runs in experiment '{spec.experiment}': {len(rows)} cached, "
+        + (describe(workers, tasks) if tasks else "nothing to train"))
+
+    progress = SuiteProgress(len(tasks), sum(t.config.train.epochs for t in tasks), stream)
+    planned = {(t.ablation, t.seed): t.config.train.epochs for t in tasks}
+
+    def on_done(outcome: RunOutcome) -> None:
+        progress.on_done(outcome, planned[(outcome.ablation, outcome.seed)])
+        key = next(t.run_key for t in tasks if (t.ablation, t.seed) == (outcome.ablation, outcome.seed))
+        rows[(outcome.ablation, outcome.seed)] = SuiteRow(
+            outcome.ablation, outcome.seed, key, outcome.run_id, outcome.status, outcome.test_metrics or {},
+            outcome.error)
+
+    install_sigterm_handler()
+    status = tracking.FINISHED
+    try:
+        run_tasks(tasks, DataRef(source, quick), data, workers=workers, uri=tracking.tracking_uri(),
+                  on_event=progress.on_event, on_done=on_done)
+    except KeyboardInterrupt:
+        status = tracking.KILLED
+        raise
+    finally:
+        progress.close()
+        ordered = [rows.get((a, s)) or SuiteRow(a, s, k, None, tracking.KILLED) for a, s, k in tasks_all]
+        client.log_text(parent_id, json.dumps([r.__dict__ for r in ordered], indent=1), "suite.json")
+        failed = sum(r.status not in ("FINISHED", "CACHED") for r in ordered)
+        client.set_tag(parent_id, "failed_runs", str(failed))
+        client.set_terminated(parent_id, status)
+    return SuiteResult(spec.experiment, experiment_id, parent_id, ordered, data.synthetic, progress.elapsed)
+
+
+def _test_metrics(run) -> dict[str, float]:
+    return {k.removeprefix("test_"): v for k, v in run.data.metrics.items() if k.startswith("test_")}
+
+
+def _param(key: str, value: Any):
+    from mlflow.entities import Param
+    return Param(key, str(value))
+
+
+def compare_suite(result: SuiteResult):
+    """Stage 4: the comparison of this suite against its baseline, or None (with the reason printed)
+    when it cannot be made, e.g. a suite run with `--only` that leaves the baseline out."""
+    from pipelines.stages.compare import CompareError, compare
+
+    client, _ = tracking.setup(result.experiment)
+    try:
+        return compare(client, result.experiment_id, suite_run_id=result.parent_run_id)
+    except CompareError as e:
+        print(f"no comparison: {e}", file=sys.stderr)
+        return None
+
+
+def report(result: SuiteResult, comparison=None, stream: TextIO | None = None) -> None:
+    """The end of a suite: the comparison table, failures with their errors, and where to look next."""
+    from pipelines.stages.compare import format_table
+
+    stream = stream or sys.stdout
+    if comparison is not None:
+        print(format_table(comparison), file=stream)
+        print(f"\nReport: {comparison.paths['report.html']} (also comparison.csv, comparison.md)", file=stream)
+    for r in result.failed:
+        print(f"{r.status}: {r.ablation}/seed-{r.seed}: {r.error or 'no error recorded'}", file=stream)
+    trained = sum(r.status == "FINISHED" for r in result.rows)
+    cached = sum(r.status == "CACHED" for r in result.rows)
+    print(f"\n{trained} trained, {cached} cached, {len(result.failed)} failed in {_fmt_duration(result.seconds)}; "
+          f"experiment '{result.experiment}', suite run {result.parent_run_id}", file=stream)
+    if result.failed:
+        print("Re-run the same command to retry only the runs that did not finish.", file=stream)
+    print(f"Browse: {tracking.ui_hint()}", file=stream)
+    print(f"Curves: tensorboard --logdir {tracking.tensorboard_dir(result.experiment)}", file=stream)
+
+
+__all__ = ["SYNTHETIC", "resolve_spec", "run_suite", "compare_suite", "report", "SuiteResult"]

@@ -1,0 +1,113 @@
+"""MLflow (and TensorBoard) in one place: where the store is, how runs are named, tagged and found.
+
+The default store is `./mlruns/mlflow.db` (SQLite) with artifacts in `./mlruns/artifacts`;
+`MLFLOW_TRACKING_URI` is honoured, so a tracking server works unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from msa.config import stable_hash
+
+MLRUNS = Path("mlruns")
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{(MLRUNS / 'mlflow.db').resolve()}"
+
+
+def local_root() -> Path:
+    """The folder beside a local SQLite store where artifacts and TensorBoard logs go."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    return MLRUNS.resolve()
+
+
+def tensorboard_dir(experiment: str) -> Path:
+    """TensorBoard logs of an experiment: `tensorboard --logdir <this>` shows every run."""
+    return local_root() / "tensorboard" / experiment
+
+
+def ui_hint() -> str:
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+
+
+def setup(experiment: str) -> tuple[MlflowClient, str]:
+    """Point MLflow at the store and return a client and the experiment's id (created if new)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (local_root() / "artifacts").resolve().as_uri()
+    try:
+        return client, client.create_experiment(experiment, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process
+        return client, client.get_experiment_by_name(experiment).experiment_id
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit the code ran from (with -dirty for local changes), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return f"msa-{version('msa')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def run_key(config: dict[str, Any], data_digest: str, seed: int) -> str:
+    """A run's identity: (resolved config, data digest, seed). A FINISHED run with it is never redone."""
+    return stable_hash({"config": config, "data": data_digest, "seed": seed})
+
+
+def run_name(ablation: str, seed: int) -> str:
+    return f"{ablation}/seed-{seed}"
+
+
+def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str]) -> dict[str, Any]:
+    """run_key -> the newest FINISHED run carrying it. (MLflow's filter has no IN for tags, so
+    the experiment's FINISHED runs are listed page by page and matched here.)"""
+    wanted = set(keys)
+    found: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        for r in page:
+            key = r.data.tags.get("run_key")
+            if key in wanted:
+                found.setdefault(key, r)
+        token = page.token
+        if not token:
+            return found
+
+
+def flat_params(d: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them: strings, lists written like YAML flow lists."""
+    return {k: "[" + ", ".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else str(v) for k, v in d.items()}

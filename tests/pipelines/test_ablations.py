@@ -1,0 +1,194 @@
+"""The ablations pipeline end to end: every run recorded, nothing trained twice, nothing lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.run import main
+from pipelines.spec import load_spec
+
+NAMES = ["baseline", "transformer", "no_layernorm", "text_only", "vision_only", "audio_only", "text_vision",
+         "text_audio", "vision_audio", "loss_mae", "loss_huber", "attention_fusion", "improved"]
+
+
+def _children(client, experiment="msa-ablations"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if "ablation" in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    """The default spec's quick profile, run once on 2 workers, then re-run (which must train nothing)."""
+    tmp = tmp_path_factory.mktemp("suite")
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MSA_CACHE", str(tmp / "cache"))
+        mp.chdir(tmp)
+        first_rc = main(["ablations", "--quick", "--workers", "2"])
+        start = time.monotonic()
+        second_rc = main(["ablations", "--quick", "--workers", "2"])
+        yield {"client": MlflowClient(uri), "rcs": (first_rc, second_rc), "rerun_seconds": time.monotonic() - start,
+               "tmp": tmp}
+
+
+def test_default_spec_has_the_lab_names():
+    assert load_spec().names == NAMES
+    assert len(load_spec().seeds) == 3
+
+
+def test_quick_suite_finishes_every_name_nested_under_a_suite_run(quick_suite):
+    client = quick_suite["client"]
+    assert quick_suite["rcs"] == (0, 0)
+    children = _children(client)
+    assert sorted(r.data.tags["ablation"] for r in children) == sorted(NAMES)   # one seed, once each
+    assert {r.info.status for r in children} == {"FINISHED"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["suite"] == "ablations" and parent.data.tags["synthetic"] == "true"
+    assert "oracle_test_Corr" in parent.data.metrics
+    run = next(r for r in children if r.data.tags["ablation"] == "baseline")
+    assert run.info.run_name == "baseline/seed-1111"
+    for tag in ("seed", "config_hash", "data_digest", "code_version", "run_key"):
+        assert run.data.tags[tag]
+    assert run.data.tags["synthetic"] == "true"
+    assert run.data.params["model.encoder"] == "lstm" and run.data.params["train.epochs"] == "2"
+    assert run.data.metrics["n_params"] == 582067
+
+
+def test_runs_hold_metric_histories_test_metrics_and_artifacts(quick_suite):
+    client = quick_suite["client"]
+    run = next(r for r in _children(client) if r.data.tags["ablation"] == "improved")
+    for key in ("train_loss", "val_loss", "val_Corr", "val_MAE", "val_Mult_acc_7"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    for key in ("test_Corr", "test_MAE", "test_Has0_acc_2", "test_Non0_F1_score", "test_Mult_acc_7", "best_epoch"):
+        assert key in run.data.metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"test_predictions.csv", "loss_curve.png", "tensorboard"} <= names
+    tb_files = client.list_artifacts(run.info.run_id, "tensorboard")
+    assert any("events.out.tfevents" in a.path for a in tb_files)
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["data_digest"]
+    local = Path(client.download_artifacts(run.info.run_id, "test_predictions.csv"))
+    header = local.read_text().splitlines()[0]
+    assert header == "id,label,prediction,oracle" and len(local.read_text().splitlines()) == 97
+
+
+def test_logged_model_loads_and_accepts_other_sequence_lengths(quick_suite, monkeypatch):
+    import mlflow
+    import torch
+
+    client = quick_suite["client"]
+    run = next(r for r in _children(client) if r.data.tags["ablation"] == "text_audio")
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    out = model(torch.randn(3, 17, 300), torch.randn(3, 17, 74))
+    assert out.shape == (3,) and (out.abs() < 3).all()
+
+
+def test_rerun_of_a_finished_suite_trains_nothing(quick_suite):
+    client = quick_suite["client"]
+    assert quick_suite["rerun_seconds"] < 60
+    assert len(_children(client)) == len(NAMES)       # no new child runs
+    suites = [r for r in client.search_runs([client.get_experiment_by_name("msa-ablations").experiment_id])
+              if r.data.tags.get("suite")]
+    assert len(suites) == 2
+    import json
+    latest = max(suites, key=lambda r: r.info.start_time)
+    rows = json.loads(Path(client.download_artifacts(latest.info.run_id, "suite.json")).read_text())
+    assert {r["status"] for r in rows} == {"CACHED"}
+
+
+def _write_spec(tmp_path, ablations: str, name="spec.yaml", extra="") -> Path:
+    path = tmp_path / name
+    path.write_text(f"experiment: unit\nseeds: [7]\n{extra}ablations:\n{ablations}")
+    return path
+
+
+def test_spec_typos_name_the_key(tmp_path, store, capsys):
+    bad_model = _write_spec(tmp_path, "  baseline:\n    model: {hiden: 64}\n")
+    assert main(["ablations", "--spec", str(bad_model), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad_model}: ablation 'baseline': Unknown parameter(s) ['hiden'] for ModelConfig")
+    assert "'hidden'" in err
+
+    bad_top = _write_spec(tmp_path, "  baseline: {}\n", "top.yaml", extra="seed: [1]\n")
+    assert main(["ablations", "--spec", str(bad_top), "--quick"]) == 2
+    assert "unknown key 'seed' in the spec; allowed: ['experiment', 'data', 'seeds'" in capsys.readouterr().err
+
+    bad_value = _write_spec(tmp_path, "  baseline:\n    model: {dropout: 1.5}\n", "value.yaml")
+    assert main(["ablations", "--spec", str(bad_value), "--quick"]) == 2
+    assert ("The 'dropout' parameter of ModelConfig must be a float in the range [0, 1). Got 1.5 instead."
+            in capsys.readouterr().err)
+
+    assert main(["ablations", "--quick", "--only", "basline"]) == 2
+    assert "unknown ablation(s) ['basline']" in capsys.readouterr().err
+
+
+def test_one_failing_run_does_not_stop_the_others(tmp_path, store, monkeypatch, capsys):
+    import pipelines.stages.train as train_stage
+
+    real_fit = train_stage.fit
+
+    def flaky_fit(config, data, **kw):
+        if config.model.modalities == ("audio",):
+            raise RuntimeError("simulated crash")
+        return real_fit(config, data, **kw)
+
+    monkeypatch.setattr(train_stage, "fit", flaky_fit)
+    spec = _write_spec(tmp_path, "  baseline: {}\n  audio_only:\n    model: {modalities: [audio]}\n")
+    rc = main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "FAILED: audio_only/seed-7: RuntimeError: simulated crash" in out
+    runs = {r.data.tags["ablation"]: r for r in _children(MlflowClient(store), "unit")}
+    assert runs["baseline"].info.status == "FINISHED"
+    assert runs["audio_only"].info.status == "FAILED"
+    assert runs["audio_only"].data.tags["error"] == "RuntimeError: simulated crash"
+
+    monkeypatch.setattr(train_stage, "fit", real_fit)      # the fix: re-running trains only the failed run
+    assert main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]) == 0
+    runs = _children(MlflowClient(store), "unit")
+    finished = sorted(r.data.tags["ablation"] for r in runs if r.info.status == "FINISHED")
+    assert finished == ["audio_only", "baseline"]
+
+
+def test_interrupted_run_is_killed_then_completed_without_duplicates(tmp_path, store):
+    spec = _write_spec(tmp_path, "  baseline: {}\n")
+    cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--spec", str(spec), "--quick",
+           "--workers", "1", "--epochs", "30"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(store)
+    deadline = time.monotonic() + 120
+    running = None
+    while time.monotonic() < deadline and running is None:
+        time.sleep(0.3)
+        exp = client.get_experiment_by_name("unit") if Path(store.removeprefix("sqlite:///")).exists() else None
+        if exp:
+            runs = [r for r in client.search_runs([exp.experiment_id]) if "ablation" in r.data.tags]
+            if runs and client.get_metric_history(runs[0].info.run_id, "val_loss"):
+                running = runs[0]
+    assert running is not None, proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert client.get_run(running.info.run_id).info.status == "KILLED"
+
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+            if "ablation" in r.data.tags]
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert len(client.get_metric_history(next(r for r in runs if r.info.status == "FINISHED").info.run_id,
+                                         "val_loss")) == 30
