@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -101,9 +100,8 @@ def run_tasks(tasks: list[RunTask], ref: DataRef, data, *, workers: int, uri: st
                 on_done(outcomes[-1])
         return outcomes
     except BaseException:
-        for future in pending:
-            future.cancel()
-        _stop_workers(pool)
+        running = {f for f in pending if not f.cancel()}
+        _stop_workers(pool, running)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -119,18 +117,16 @@ def _drain(events, on_event: Callable[[dict], None]) -> None:
             return
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
+def _stop_workers(pool: ProcessPoolExecutor, running: set[Future]) -> None:
     # Ctrl-C reaches the workers by itself (same process group); SIGTERM sent to us alone does
-    # not, so pass it on: each worker then records its run as KILLED before exiting.
+    # not, so pass it on: each worker then records its run as KILLED, and its future completes.
     for proc in list(getattr(pool, "_processes", {}).values()):
         if proc.is_alive():
             try:
                 os.kill(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + 30
-    for proc in list(getattr(pool, "_processes", {}).values()):
-        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    wait(running, timeout=30)
 
 
 def describe(workers: int, tasks: Iterable[RunTask]) -> str:

@@ -37,7 +37,8 @@ def _ablations(args: argparse.Namespace) -> int:
     from pipelines import suite
 
     spec = suite.resolve_spec(args.spec, only=args.only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
-    result = suite.run_suite(spec, data_source=args.data, quick=args.quick, workers=args.workers)
+    result = suite.run_suite(spec, data_source=args.data, quick=args.quick, workers=args.workers,
+                             include_tuned=not args.only or suite.TUNED in args.only)
     suite.report(result, suite.compare_suite(result))
     return 1 if result.failed else 0
 
@@ -49,7 +50,8 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
                                    "are skipped; an interrupted suite finishes what is missing when re-run.")
     p.add_argument("--spec", metavar="FILE", help="pipeline spec (default: pipelines/specs/ablations.yaml)")
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the spec's, synthetic)")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="only these ablations (names from the spec)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="only these ablations (names from the spec, or improved_tuned once `tune` has run)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the spec's three)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: the spec's, 20)")
     p.add_argument("--workers", type=_positive_int, metavar="N",

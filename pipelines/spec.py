@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,14 +29,15 @@ class Spec:
     ablations: dict[str, RunConfig]          # in the spec's order; baseline first by convention
     overrides: dict[str, dict[str, Any]]     # what each ablation changes, as written
     quick: dict[str, Any]
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # set on every ablation (--epochs)
 
     @property
     def names(self) -> list[str]:
         return list(self.ablations)
 
     def select(self, only: Sequence[str] | None) -> "Spec":
-        """Only the named ablations, in the spec's order; an unknown name is an error."""
-        if not only:
+        """Only the named ablations, in the spec's order (None: all); an unknown name is an error."""
+        if only is None:
             return self
         unknown = [n for n in only if n not in self.ablations]
         if unknown:
@@ -49,14 +50,19 @@ class Spec:
         """Every ablation with these TrainConfig fields set (e.g. epochs from the command line)."""
         if not train:
             return self
-        return replace(self, ablations={
-            n: RunConfig.from_dict(deep_merge(c.to_dict(), {"train": train})) for n, c in self.ablations.items()})
+        spec = replace(self, train_overrides={**self.train_overrides, **train})
+        return replace(spec, ablations={n: spec._resolve(n, spec.overrides[n]) for n in spec.ablations})
 
     def with_ablation(self, name: str, override: Mapping[str, Any]) -> "Spec":
-        """The spec plus one more ablation (the tuned model joins this way)."""
-        config = _resolve(self.path, name, self.base, override)
+        """The spec plus one more ablation (the tuned model joins this way), with the same train
+        overrides as the others, so `--quick` and `--epochs` apply to it too."""
+        config = self._resolve(name, override)
         return replace(self, ablations={**self.ablations, name: config},
                        overrides={**self.overrides, name: dict(override)})
+
+
+    def _resolve(self, name: str, override: Mapping[str, Any]) -> RunConfig:
+        return _resolve(self.path, name, self.base, deep_merge(override, {"train": self.train_overrides}))
 
 
 def load_spec(path: str | Path | None = None) -> Spec:

@@ -20,7 +20,7 @@ from msa.metrics import eval_mosi_regression
 from pipelines import tracking
 from pipelines.executor import DataRef, default_workers, describe, install_sigterm_handler, run_tasks
 from pipelines.progress import SuiteProgress, _fmt_duration
-from pipelines.spec import Spec, load_spec
+from pipelines.spec import Spec, SpecError, load_spec
 from pipelines.stages.prepare import SYNTHETIC, prepare
 from pipelines.stages.train import RunOutcome, RunTask
 
@@ -50,10 +50,14 @@ class SuiteResult:
         return [r for r in self.rows if r.status not in ("FINISHED", "CACHED")]
 
 
+TUNED = "improved_tuned"  # the Optuna-tuned improved model; joins a suite once a study has a best trial
+
+
 def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Sequence[int] | None,
                  epochs: int | None, quick: bool) -> Spec:
-    """The spec with the profile and command-line overrides applied (command line wins)."""
-    spec = load_spec(spec_path).select(only)
+    """The spec with the profile and command-line overrides applied (command line wins).
+    `improved_tuned` may be named in `only`: it is not in the spec but added by `run_suite`."""
+    spec = load_spec(spec_path).select([n for n in only if n != TUNED] if only else None)
     if quick:
         spec = spec.with_train(epochs=spec.quick.get("epochs", 2))
         spec = _with_seeds(spec, spec.quick.get("seeds", [spec.seeds[0]]))
@@ -71,8 +75,9 @@ def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
 
 def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False, workers: int | None = None,
               stream: TextIO | None = None, extra_ablations: dict[str, dict[str, Any]] | None = None,
-              suite_name: str = "ablations") -> SuiteResult:
-    """Train and evaluate every (ablation, seed) of `spec` that the store does not hold yet."""
+              include_tuned: bool = False, suite_name: str = "ablations") -> SuiteResult:
+    """Train and evaluate every (ablation, seed) of `spec` that the store does not hold yet.
+    With `include_tuned`, the best trial of the tuning study on this data joins as `improved_tuned`."""
     stream = stream or sys.stderr
     source = data_source or spec.data
     for name, override in (extra_ablations or {}).items():
@@ -80,6 +85,16 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
     data = prepare(source, quick=quick)
     say = lambda line: print(line, file=stream, flush=True)  # noqa: E731
     say(data.summary().splitlines()[0])
+    if include_tuned and TUNED not in spec.ablations:
+        from pipelines.tune import tuned_override  # tune builds on this module, not the other way
+
+        override = tuned_override(quick=quick, data_digest=data.digest)
+        if override is not None:
+            spec = spec.with_ablation(TUNED, override)
+            say(f"including '{TUNED}': the best trial of the tuning study on this data")
+    if not spec.ablations:
+        raise SpecError("nothing to run: no tuning study has a best trial on this data yet "
+                        "(run `python -m pipelines.run tune` first, or name other ablations)")
 
     client, experiment_id = tracking.setup(spec.experiment)
     tasks_all: list[tuple[str, int, str]] = []

@@ -340,18 +340,21 @@ def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | Non
         if rows is None:
             raise CompareError(f"suite run '{suite_run_id}' has no suite.json yet (still running, or it crashed)")
         return run, rows
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string="tags.suite LIKE '%'",
-                                  order_by=["attributes.start_time DESC"], max_results=100, page_token=token)
-        for run in page:
-            rows = _suite_rows(client, run.info.run_id)
-            if rows and any(_usable(r) for r in rows):
-                return run, rows
-        token = page.token
-        if not token:
-            raise CompareError(f"experiment '{experiment}' has no suite with finished runs to compare; "
-                               "run `python -m pipelines.run ablations` first")
+    # A full `ablations` suite first: a `tune` suite holds only the tuned model and its references.
+    for suite_filter in ("tags.suite = 'ablations'", "tags.suite LIKE '%'"):
+        token = None
+        while True:
+            page = client.search_runs([experiment_id], filter_string=suite_filter,
+                                      order_by=["attributes.start_time DESC"], max_results=100, page_token=token)
+            for run in page:
+                rows = _suite_rows(client, run.info.run_id)
+                if rows and any(_usable(r) for r in rows):
+                    return run, rows
+            token = page.token
+            if not token:
+                break
+    raise CompareError(f"experiment '{experiment}' has no suite with finished runs to compare; "
+                       "run `python -m pipelines.run ablations` first")
 
 
 def _usable(row: dict) -> bool:

@@ -1,0 +1,256 @@
+"""The tune pipeline: trials searched on validation only, pruned, resumable, shared, tracked, and compared."""
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipelines import tune
+from pipelines.run import main
+from pipelines.spec import SpecError
+
+# Tiny models (hidden 8-16) on the quick data, one epoch: every trial takes a second or two.
+ABLATIONS = """\
+experiment: tune-unit
+seeds: [7, 8]
+base:
+  model: {hidden: 16, ff_dim: 32}
+ablations:
+  baseline: {}
+  improved:
+    model: {encoder: transformer, pooling: mean, mask_padding: true, fusion: query_attention, heads: 2}
+    train: {loss: huber}
+quick: {epochs: 1, seeds: [7]}
+"""
+
+SPACE = """\
+space:
+  model.hidden:      {choices: [8, 16]}
+  model.heads:       {choices: [2, 4]}
+  model.dropout:     {float: [0.0, 0.3]}
+  train.loss:        {choices: [huber, mse]}
+  train.huber_delta: {float: [0.5, 2.0], log: true, when: {train.loss: huber}}
+  train.lr:          {float: [1.0e-3, 1.0e-2], log: true}
+"""
+
+
+def _tune_spec(tmp: Path, pruner: str = "{type: median}", space: str = SPACE, name: str = "tune.yaml",
+               grace: int = 180) -> Path:
+    (tmp / "ablations.yaml").write_text(ABLATIONS)
+    path = tmp / name
+    path.write_text(f"study: unit\nablations: ablations.yaml\nbase: improved\nseeds: [7]\ntrials: 3\n"
+                    f"sampler: {{seed: 1, n_startup_trials: 10}}\npruner: {pruner}\n"
+                    f"storage: {{heartbeat_interval: 1, grace_period: {grace}, max_retry: 1}}\n"
+                    f"compare_with: [baseline, improved]\nquick: {{trials: 2}}\n{space}")
+    return path
+
+
+def _tune_runs(client, experiment="tune-unit"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "tune_study" in r.data.tags]
+    trials = [r for r in runs if "optuna_trial" in r.data.tags]
+    return parents, trials, runs
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """`tune --quick` twice on one study: 2 trials, then on to 3."""
+    tmp = tmp_path_factory.mktemp("tune")
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MSA_CACHE", str(tmp / "cache"))
+        mp.setenv("MSA_PROGRESS", "0")
+        mp.chdir(tmp)
+        spec = _tune_spec(tmp)
+        first = main(["tune", "--spec", str(spec), "--quick", "--trials", "2"])
+        second = main(["tune", "--spec", str(spec), "--quick", "--trials", "3"])
+        yield {"client": MlflowClient(uri), "rcs": (first, second), "tmp": tmp, "spec": spec,
+               "storage": tmp / "mlruns" / "optuna" / "journal.log"}
+
+
+def _study(tuned):
+    return optuna.load_study(study_name="unit-quick", storage=tune.open_storage(str(tuned["storage"])))
+
+
+def test_trials_are_nested_under_one_parent_per_session_and_tagged(tuned):
+    assert tuned["rcs"] == (0, 0)
+    parents, trials, _ = _tune_runs(tuned["client"])
+    assert len(parents) == 2 and len(trials) == 3
+    for p in parents:
+        assert p.data.tags["tune_study"] == "unit-quick" and p.data.tags["synthetic"] == "true"
+        assert "suite" not in p.data.tags              # the comparison must not take a session for a suite
+        assert p.info.status == "FINISHED"
+        assert "best_val_Corr" in p.data.metrics and "best.model.hidden" in p.data.params
+        artifacts = {a.path for a in tuned["client"].list_artifacts(p.info.run_id)}
+        assert {"optimization_history.png", "param_importances.png", "trials.csv",
+                "unit-quick.best.yaml"} <= artifacts
+    parent_ids = {p.info.run_id for p in parents}
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] in parent_ids
+        assert t.info.run_name == f"trial-{t.data.tags['optuna_trial']}"
+        assert t.data.tags["optuna_state"] == "COMPLETE" and t.data.tags["optuna_study"] == "unit-quick"
+        assert "ablation" not in t.data.tags           # trials are not suite runs
+        assert t.data.params["model.hidden"] in ("8", "16") and t.data.params["train.epochs"] == "1"
+        for key in ("val_Corr", "val_MAE", "val_loss", "train_loss"):
+            assert [m.step for m in tuned["client"].get_metric_history(t.info.run_id, key)] == [1], key
+        assert not any(k.startswith("test_") for k in t.data.metrics)
+
+
+def test_rerun_continues_the_study_without_redoing_trials(tuned):
+    study = _study(tuned)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    parents, trials, _ = _tune_runs(tuned["client"])
+    first, second = sorted(parents, key=lambda r: r.info.start_time)
+    by_parent = {p.info.run_id: sorted(int(t.data.tags["optuna_trial"]) for t in trials
+                                       if t.data.tags["mlflow.parentRunId"] == p.info.run_id) for p in parents}
+    assert by_parent[first.info.run_id] == [0, 1] and by_parent[second.info.run_id] == [2]
+    # The resumed session draws fresh values instead of replaying the first session's start-up draws.
+    assert study.trials[2].params != study.trials[0].params
+
+
+def test_a_study_is_not_continued_with_other_epochs(tuned, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tuned['tmp'] / 'mlruns' / 'mlflow.db'}")
+    monkeypatch.setenv("MSA_CACHE", str(tuned["tmp"] / "cache"))
+    monkeypatch.chdir(tuned["tmp"])
+    assert main(["tune", "--spec", str(tuned["spec"]), "--quick", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "study 'unit-quick'" in err and "epochs 1" in err and "--study NAME" in err
+    assert len(_study(tuned).trials) == 3
+
+
+def test_best_trial_becomes_improved_tuned_trained_and_compared(tuned, monkeypatch):
+    client = tuned["client"]
+    study = _study(tuned)
+    best = study.best_trial
+    saved = yaml.safe_load((tuned["storage"].parent / "unit-quick.best.yaml").read_text())
+    assert saved == {"improved_tuned": best.user_attrs["override"]} == {"improved_tuned": study.user_attrs[tune.TUNED]["override"]}
+    assert saved["improved_tuned"]["model"]["fusion"] == "query_attention"      # the improved base, kept
+    monkeypatch.chdir(tuned["tmp"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tuned['tmp'] / 'mlruns' / 'mlflow.db'}")
+    assert tune.tuned_override(quick=True, spec=tuned["spec"]) == saved["improved_tuned"]
+    assert tune.tuned_override(quick=True, spec=tuned["spec"], data_digest="other data") is None
+    assert tune.tuned_override(study="no-such-study", spec=tuned["spec"]) is None
+
+    _, _, runs = _tune_runs(client)
+    tuned_runs = [r for r in runs if r.data.tags.get("ablation") == "improved_tuned"]
+    assert tuned_runs and {r.info.status for r in tuned_runs} == {"FINISHED"}
+    latest = max(tuned_runs, key=lambda r: r.info.start_time)
+    assert "test_Corr" in latest.data.metrics and latest.data.params["train.epochs"] == "1"
+    assert latest.data.params["model.hidden"] == str(best.params["model.hidden"])
+    suites = sorted((r for r in runs if r.data.tags.get("suite") == "tune"), key=lambda r: r.info.start_time)
+    assert len(suites) == 2
+    rows = json.loads(Path(client.download_artifacts(suites[-1].info.run_id, "suite.json")).read_text())
+    assert {r["ablation"] for r in rows} == {"baseline", "improved", "improved_tuned"}
+    assert {r["status"] for r in rows if r["ablation"] != "improved_tuned"} == {"CACHED"}   # never trained twice
+    if (Path(tune.__file__).parent / "stages" / "compare.py").exists():
+        assert suites[-1].data.tags.get("comparison") == "comparison/report.html"
+        table = (tuned["tmp"] / "reports" / "tune-unit" / "comparison.csv").read_text()
+        assert "improved_tuned" in table and "improved" in table
+
+
+def test_a_bad_trial_is_pruned(tmp_path, store):
+    # Corr never reaches 1.5, so this pruner must stop every trial at its first report.
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: threshold, lower: 1.5}"))
+    session = tune.run_study(spec, quick=True, trials=2)
+    assert [t.state for t in session.trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    assert all(t.intermediate_values == {1: t.intermediate_values[1]} for t in session.trials)
+    assert session.best is None and session.override is None
+    _, trials, _ = _tune_runs(MlflowClient(store))
+    assert sorted(r.data.tags["optuna_state"] for r in trials) == ["PRUNED", "PRUNED"]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+
+
+class _Sealed(dict):
+    """Feature tensors that refuse to be read."""
+
+    def __getitem__(self, key):
+        raise AssertionError("the search read the test split")
+
+    def values(self):
+        raise AssertionError("the search read the test split")
+
+    items = values
+
+
+def test_the_search_never_reads_the_test_split(tmp_path, store, monkeypatch):
+    from pipelines.stages.prepare import prepare
+
+    real = prepare("synthetic", quick=True)
+    real.digest  # noqa: B018  (computed while test is still readable)
+    test = real["test"]
+    sealed = type(test)(test.name, _Sealed(test.features), test.labels, test.ids, test.oracle)
+    data = type(real)({**real.splits, "test": sealed}, real.source, real.layout, real.synthetic, real.cleaned,
+                      real._digest)
+    monkeypatch.setattr(tune, "prepare", lambda source, quick=False: data)
+    calls = []
+    real_fit = tune.fit
+
+    def spy(config, data, **kw):
+        calls.append(("test" in data.splits, kw.get("evaluate_test", True)))
+        return real_fit(config, data, **kw)
+
+    monkeypatch.setattr(tune, "fit", spy)
+    spec = tune.load_tune_spec(_tune_spec(tmp_path))
+    session = tune.run_study(spec, quick=True, trials=2)
+    assert [t.state for t in session.trials] == [TrialState.COMPLETE] * 2
+    assert calls == [(False, False)] * 2
+
+
+def test_two_processes_share_one_journal_study(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path))
+    session = tune.run_study(spec, quick=True, trials=4, workers=2)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 4   # no duplicated draws
+    _, trials, _ = _tune_runs(MlflowClient(store))
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {session.parent_run_id}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, grace=1))
+    # A "worker" starts trial 0, stamps one heartbeat, and dies (its storage object is dropped).
+    dead = optuna.create_study(study_name="unit-quick", direction="maximize",
+                               storage=tune.open_storage(None, spec.storage))
+    trial = dead.ask()
+    tune.sample(trial, spec.space)
+    client = MlflowClient(store)
+    run = client.create_run(client.create_experiment("elsewhere"), run_name="trial-0")
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    dead._storage.record_heartbeat(trial._trial_id)
+    time.sleep(1.5)
+    session = tune.run_study(spec, quick=True, trials=2)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    retry = study.trials[1]
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == study.trials[0].params
+    assert [t.number for t in session.trials] == [1]
+    dead_run = client.get_run(run.info.run_id)           # the dead worker's run is not left RUNNING either
+    assert dead_run.info.status == "FAILED" and dead_run.data.tags["optuna_state"] == "FAIL"
+    assert "worker died" in dead_run.data.tags["error"]
+
+
+def test_spec_mistakes_name_the_key(tmp_path):
+    bad_heads = SPACE.replace("model.heads:       {choices: [2, 4]}", "model.heads:       {choices: [2, 3]}")
+    with pytest.raises(SpecError, match=r"model.hidden 8 is not divisible by model.heads 3"):
+        tune.load_tune_spec(_tune_spec(tmp_path, space=bad_heads))
+    with pytest.raises(SpecError, match=r"space: 'model.hiden': not a config field"):
+        tune.load_tune_spec(_tune_spec(tmp_path, space=SPACE.replace("model.hidden", "model.hiden")))
+    with pytest.raises(SpecError, match=r"write 1.0e-4, not 1e-4"):
+        tune.load_tune_spec(_tune_spec(tmp_path, space=SPACE.replace("1.0e-3", "1e-3")))
+    with pytest.raises(SpecError, match=r"'model.dropout' can be 1.5: The 'dropout' parameter of ModelConfig"):
+        tune.load_tune_spec(_tune_spec(tmp_path, space=SPACE.replace("[0.0, 0.3]", "[0.0, 1.5]")))
+    with pytest.raises(SpecError, match=r"pruner"):
+        tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: median, n_warmup: 3}"))
+    assert tune.load_tune_spec().direction == "maximize"       # the shipped spec loads
