@@ -59,15 +59,17 @@ def install_sigterm_handler() -> None:
 _WORKER: dict = {}
 
 
-def _init_worker(ref: DataRef, threads: int, events: "mp.Queue", uri: str) -> None:
+def _init_worker(ref: DataRef, threads: int, events: "mp.Queue", stop: "mp.Event", uri: str) -> None:
     install_sigterm_handler()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow
     mlflow.set_tracking_uri(uri)
-    _WORKER.update(data=ref.load(), threads=threads, events=events)
+    _WORKER.update(data=ref.load(), threads=threads, events=events, stop=stop)
 
 
 def _run_in_worker(task: RunTask) -> RunOutcome:
+    if _WORKER["stop"].is_set():  # the suite was interrupted: tasks already queued here never start
+        return RunOutcome(task.ablation, task.seed, "KILLED", None, 0.0, error="not started: interrupted")
     return execute(task, _WORKER["data"], threads=_WORKER["threads"], progress=_WORKER["events"].put)
 
 
@@ -85,9 +87,9 @@ def run_tasks(tasks: list[RunTask], ref: DataRef, data, *, workers: int, uri: st
         return outcomes
 
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
-    events = ctx.Manager().Queue()
+    events, stop = ctx.Queue(), ctx.Event()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(ref, threads, events, uri))
+                               initargs=(ref, threads, events, stop, uri))
     outcomes: list[RunOutcome] = []
     pending: set[Future] = {pool.submit(_run_in_worker, t) for t in tasks}
     try:
@@ -100,11 +102,13 @@ def run_tasks(tasks: list[RunTask], ref: DataRef, data, *, workers: int, uri: st
                 on_done(outcomes[-1])
         return outcomes
     except BaseException:
+        stop.set()  # before the signal: a worker whose run ends must not pick up a queued one
         running = {f for f in pending if not f.cancel()}
         _stop_workers(pool, running)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        events.close()
 
 
 def _drain(events, on_event: Callable[[dict], None]) -> None:
@@ -113,7 +117,7 @@ def _drain(events, on_event: Callable[[dict], None]) -> None:
             on_event(events.get_nowait())
         except queue.Empty:
             return
-        except (EOFError, OSError, BrokenPipeError):  # the manager went away during shutdown
+        except (EOFError, OSError, ValueError):  # the queue was closed during shutdown
             return
 
 

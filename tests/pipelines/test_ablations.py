@@ -162,10 +162,11 @@ def test_one_failing_run_does_not_stop_the_others(tmp_path, store, monkeypatch, 
     assert finished == ["audio_only", "baseline"]
 
 
-def test_interrupted_run_is_killed_then_completed_without_duplicates(tmp_path, store):
+@pytest.mark.parametrize("workers, seeds", [(1, ["7"]), (2, ["7", "8", "9"])])
+def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path, store, workers, seeds):
     spec = _write_spec(tmp_path, "  baseline: {}\n")
     cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--spec", str(spec), "--quick",
-           "--workers", "1", "--epochs", "30"]
+           "--workers", str(workers), "--epochs", "30", "--seeds", *seeds]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(store)
@@ -184,11 +185,13 @@ def test_interrupted_run_is_killed_then_completed_without_duplicates(tmp_path, s
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert client.get_run(running.info.run_id).info.status == "KILLED"
+    exp_id = client.get_experiment_by_name("unit").experiment_id
+    assert "RUNNING" not in {r.info.status for r in client.search_runs([exp_id])}   # the suite run too
 
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("unit").experiment_id])
-            if "ablation" in r.data.tags]
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
-    assert len(client.get_metric_history(next(r for r in runs if r.info.status == "FINISHED").info.run_id,
-                                         "val_loss")) == 30
+    children = [r for r in client.search_runs([exp_id]) if "ablation" in r.data.tags]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["seed"] for r in finished) == seeds               # one each, no duplicate
+    assert {r.info.status for r in children} == {"FINISHED", "KILLED"}
+    assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 30 for r in finished)
