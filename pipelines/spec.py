@@ -60,26 +60,29 @@ class Spec:
         return replace(self, ablations={**self.ablations, name: config},
                        overrides={**self.overrides, name: dict(override)})
 
-
     def _resolve(self, name: str, override: Mapping[str, Any]) -> RunConfig:
         return _resolve(self.path, name, self.base, deep_merge(override, {"train": self.train_overrides}))
 
 
-def load_spec(path: str | Path | None = None) -> Spec:
-    path = Path(path) if path else DEFAULT_SPEC
+def read_yaml(path: Path) -> Any:
+    """A spec file's content; a missing file or broken YAML is a SpecError naming the file."""
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_spec(raw, str(path))
+
+
+def load_spec(path: str | Path | None = None) -> Spec:
+    path = Path(path) if path else DEFAULT_SPEC
+    return parse_spec(read_yaml(path), str(path))
 
 
 def parse_spec(raw: Any, path: str) -> Spec:
     if not isinstance(raw, Mapping):
         raise SpecError(f"{path}: expected a mapping with keys {list(SPEC_KEYS)}")
-    _check_keys(raw, SPEC_KEYS, path, "the spec")
+    check_keys(raw, SPEC_KEYS, path, "the spec")
     for key in ("experiment", "ablations"):
         if key not in raw:
             raise SpecError(f"{path}: missing key '{key}'")
@@ -93,7 +96,7 @@ def parse_spec(raw: Any, path: str) -> Spec:
     if not isinstance(ablations, Mapping) or not ablations:
         raise SpecError(f"{path}: 'ablations' must be a non-empty mapping of name -> override")
     quick = raw.get("quick") or {}
-    _check_keys(quick, QUICK_KEYS, path, "'quick'")
+    check_keys(quick, QUICK_KEYS, path, "'quick'")
     overrides = {str(n): dict(o or {}) for n, o in ablations.items()}
     resolved = {n: _resolve(path, n, base, o) for n, o in overrides.items()}
     return Spec(path=path, experiment=str(raw["experiment"]), data=str(raw.get("data", "synthetic")),
@@ -109,7 +112,8 @@ def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[st
         raise SpecError(f"{path}: ablation '{name}': {e}") from None
 
 
-def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], path: str, where: str) -> None:
+def check_keys(d: Mapping[str, Any], allowed: Sequence[str], path: str, where: str) -> None:
+    """Refuse a key not in `allowed`, naming it and the allowed ones."""
     unknown = [k for k in d if k not in allowed]
     if unknown:
         raise SpecError(f"{path}: unknown key '{unknown[0]}' in {where}; allowed: {list(allowed)}")

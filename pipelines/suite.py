@@ -112,6 +112,7 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
         "ablations": ",".join(spec.ablations), "seeds": ",".join(map(str, spec.seeds)),
         "epochs": ",".join(sorted({str(c.train.epochs) for c in spec.ablations.values()})),
         "n_runs": len(tasks_all)}.items()])
+    tracking.log_dataset(client, parent_id, data)
     if data.has_oracle:  # the best score reachable on synthetic data, for the comparison's oracle row
         oracle = eval_mosi_regression(data["test"].oracle, data["test"].labels)
         for k, v in oracle.items():

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
 from msa.config import stable_hash
+from msa.data import MOSIData
 
 MLRUNS = Path("mlruns")
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
@@ -106,6 +112,27 @@ def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str])
         token = page.token
         if not token:
             return found
+
+
+def log_dataset(client: MlflowClient, run_id: str, data: MOSIData) -> None:
+    """Link the data set to a run as an MLflow dataset input: name, source, digest, cleaning counts.
+
+    The suite links it to its parent run first, so that parallel workers find the experiment's
+    dataset row already there: two first inserts at once break SQLite's unique constraint."""
+    if data.synthetic:
+        source = CodeDatasetSource(tags={"generator": "msa.synthetic", "description": data.source})
+        name = "synthetic-mosi"
+    else:
+        with warnings.catch_warnings():  # MLflow registers two equivalent local-file sources
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(data.source).resolve()))
+        name = Path(data.source).name
+    dataset = MetaDataset(source=source, name=name, digest=data.digest)
+    tags = {"mlflow.data.context": "train/valid/test", "synthetic": str(data.synthetic).lower(),
+            "layout": data.layout, "sizes": "/".join(str(v) for v in data.sizes.values()),
+            **{f"cleaned.{split}.{m}": str(n) for split, c in data.cleaned.items() for m, n in c.items()}}
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                     [InputTag(k, v) for k, v in tags.items()])])
 
 
 def flat_params(d: dict[str, Any]) -> dict[str, str]:

@@ -44,7 +44,7 @@ from msa.data import MOSIData
 from msa.training import fit
 from pipelines import tracking
 from pipelines.executor import DataRef, install_sigterm_handler, threads_per_worker
-from pipelines.spec import Spec, SpecError, _check_keys, load_spec
+from pipelines.spec import Spec, SpecError, check_keys, load_spec, read_yaml
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import Interrupted
 from pipelines.suite import TUNED, SuiteResult, resolve_spec, run_suite
@@ -135,19 +135,13 @@ class TuneSpec:
 
 def load_tune_spec(path: str | Path | None = None) -> TuneSpec:
     path = Path(path) if path else DEFAULT_TUNE_SPEC
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_tune_spec(raw, str(path))
+    return parse_tune_spec(read_yaml(path), str(path))
 
 
 def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
     if not isinstance(raw, Mapping):
         raise SpecError(f"{path}: expected a mapping with keys {list(TUNE_KEYS)}")
-    _check_keys(raw, TUNE_KEYS, path, "the spec")
+    check_keys(raw, TUNE_KEYS, path, "the spec")
     for key in ("study", "space"):
         if key not in raw:
             raise SpecError(f"{path}: missing key '{key}'")
@@ -166,7 +160,7 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
     if not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds)):
         raise SpecError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
     quick = raw.get("quick") or {}
-    _check_keys(quick, ("trials",), path, "'quick'")
+    check_keys(quick, ("trials",), path, "'quick'")
     trials, quick_trials = raw.get("trials", 50), quick.get("trials", 8)
     for key, value in (("trials", trials), ("quick.trials", quick_trials)):
         if not (_is_int(value) and value >= 1):
@@ -204,7 +198,7 @@ def _parse_storage(raw: Any, path: str) -> StorageSettings:
     if not isinstance(raw, Mapping):
         raise SpecError(f"{path}: 'storage' must be a mapping")
     allowed = [f.name for f in dataclasses.fields(StorageSettings)]
-    _check_keys(raw, allowed, path, "'storage'")
+    check_keys(raw, allowed, path, "'storage'")
     for k, v in raw.items():
         if not (_is_int(v) and v >= (0 if k == "max_retry" else 1)):
             raise SpecError(f"{path}: 'storage.{k}' must be a positive integer (seconds or a count), got {v!r}")
@@ -227,7 +221,7 @@ def _parse_space(raw: Any, path: str) -> dict[str, Param]:
             raise SpecError(f"{where}: cannot be searched (the pruner's steps and the objective depend on it)")
         if not isinstance(d, Mapping):
             raise SpecError(f"{where}: expected a mapping such as {{choices: [...]}} or {{float: [low, high]}}")
-        _check_keys(d, ("choices", "int", "float", "step", "log", "when"), path, f"space '{name}'")
+        check_keys(d, ("choices", "int", "float", "step", "log", "when"), path, f"space '{name}'")
         kinds = [k for k in ("choices", "int", "float") if k in d]
         if len(kinds) != 1:
             raise SpecError(f"{where}: give exactly one of 'choices', 'int', 'float'")

@@ -23,9 +23,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
-from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: E402
-from mlflow.data.code_dataset_source import CodeDatasetSource  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types import Schema, TensorSpec  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -110,7 +107,7 @@ def _train_and_evaluate(task: RunTask, data: MOSIData, threads: int | None, prog
     cfg = task.config
     mlflow.log_params(tracking.flat_params({**cfg.flat(), "seed": task.seed,
                                             **{f"data.dim.{m}": d for m, d in data.dims.items()}}))
-    _log_dataset(data)
+    tracking.log_dataset(mlflow.tracking.MlflowClient(), mlflow.active_run().info.run_id, data)
     tb = SummaryWriter(str(Path(task.tensorboard_dir) / task.ablation / f"seed-{task.seed}"))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -143,21 +140,6 @@ def _train_and_evaluate(task: RunTask, data: MOSIData, threads: int | None, prog
     _log_model(model, data)
     return RunOutcome(task.ablation, task.seed, tracking.FINISHED, None, time.monotonic() - start,
                       test_metrics=test_metrics, best_epoch=result.best_epoch)
-
-
-def _log_dataset(data: MOSIData) -> None:
-    if data.synthetic:
-        source, name = CodeDatasetSource(tags={"generator": "msa.synthetic", "description": data.source}), "synthetic-mosi"
-    else:
-        with warnings.catch_warnings():  # MLflow registers two equivalent local-file sources
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(Path(data.source).resolve()))
-        name = Path(data.source).name
-    dataset = MetaDataset(source=source, name=name, digest=data.digest)
-    counts = {f"cleaned.{split}.{m}": str(n) for split, c in data.cleaned.items() for m, n in c.items()}
-    mlflow.log_input(dataset, context="train/valid/test",
-                     tags={"synthetic": str(data.synthetic).lower(), "layout": data.layout,
-                           "sizes": "/".join(str(v) for v in data.sizes.values()), **counts})
 
 
 def _log_model(model: torch.nn.Module, data: MOSIData) -> None:

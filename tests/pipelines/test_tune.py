@@ -254,3 +254,24 @@ def test_spec_mistakes_name_the_key(tmp_path):
     with pytest.raises(SpecError, match=r"pruner"):
         tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: median, n_warmup: 3}"))
     assert tune.load_tune_spec().direction == "maximize"       # the shipped spec loads
+
+
+def test_ablations_include_improved_tuned_once_a_study_has_a_best_trial(tuned, monkeypatch, capsys):
+    client = tuned["client"]
+    monkeypatch.chdir(tuned["tmp"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tuned['tmp'] / 'mlruns' / 'mlflow.db'}")
+    monkeypatch.setattr(tune, "DEFAULT_TUNE_SPEC", tuned["spec"])   # the study `ablations` looks for
+    ablations = str(tuned["tmp"] / "ablations.yaml")
+    assert main(["ablations", "--spec", ablations, "--quick", "--workers", "1"]) == 0
+    _, _, runs = _tune_runs(client)
+    suite = max((r for r in runs if r.data.tags.get("suite") == "ablations"), key=lambda r: r.info.start_time)
+    rows = json.loads(Path(client.download_artifacts(suite.info.run_id, "suite.json")).read_text())
+    assert {r["ablation"]: r["status"] for r in rows} == {
+        "baseline": "CACHED", "improved": "CACHED", "improved_tuned": "CACHED"}   # all trained by `tune`
+
+    assert main(["ablations", "--spec", ablations, "--quick", "--workers", "1", "--only", "improved_tuned"]) == 0
+    other = tuned["tmp"] / "other.yaml"
+    other.write_text(tuned["spec"].read_text().replace("study: unit", "study: never-run"))
+    monkeypatch.setattr(tune, "DEFAULT_TUNE_SPEC", other)
+    assert main(["ablations", "--spec", ablations, "--quick", "--only", "improved_tuned"]) == 2
+    assert "no tuning study has a best trial on this data yet" in capsys.readouterr().err
