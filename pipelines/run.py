@@ -53,11 +53,12 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="only these ablations (names from the spec, or improved_tuned once `tune` has run)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the spec's three)")
-    p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: the spec's, 20)")
+    p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="parallel worker processes (default: one per core, cores split between them)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke profile: small synthetic data with the real dims, 2 epochs, one seed")
+                   help="smoke profile: 2 epochs, one seed, and small synthetic data with the real dims "
+                        "(a --data file is used whole)")
     p.set_defaults(func=_ablations)
 
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default, and print split sizes, dims, label range and cleaning counts.")
     p.add_argument("--data", default="synthetic", metavar="PATH|synthetic",
                    help="a MOSI pickle, or 'synthetic' for the embedded synthetic MOSI-like data (default)")
-    p.add_argument("--quick", action="store_true", help="small synthetic data (real dims) for smoke runs")
+    p.add_argument("--quick", action="store_true", help="small synthetic data (real dims) for smoke runs; no effect on a data file")
     p.set_defaults(func=_prepare)
 
     for register in _EXTRA_PIPELINES:
@@ -162,9 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Later pipelines (ablations, compare, tune) register their sub-commands here.
-_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare]
-_EXTRA_PIPELINES.append(_add_tune)
+# The pipelines after prepare, each registering its sub-command.
+_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare, _add_tune]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,13 +130,13 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
 
     progress = SuiteProgress(len(tasks), sum(t.config.train.epochs for t in tasks), stream)
     planned = {(t.ablation, t.seed): t.config.train.epochs for t in tasks}
+    run_keys = {(a, s): k for a, s, k in tasks_all}
 
     def on_done(outcome: RunOutcome) -> None:
         progress.on_done(outcome, planned[(outcome.ablation, outcome.seed)])
-        key = next(t.run_key for t in tasks if (t.ablation, t.seed) == (outcome.ablation, outcome.seed))
-        rows[(outcome.ablation, outcome.seed)] = SuiteRow(
-            outcome.ablation, outcome.seed, key, outcome.run_id, outcome.status, outcome.test_metrics or {},
-            outcome.error)
+        key = (outcome.ablation, outcome.seed)
+        rows[key] = SuiteRow(outcome.ablation, outcome.seed, run_keys[key], outcome.run_id, outcome.status,
+                             outcome.test_metrics or {}, outcome.error)
 
     install_sigterm_handler()
     status = tracking.FINISHED
@@ -145,6 +145,9 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
                   on_event=progress.on_event, on_done=on_done)
     except KeyboardInterrupt:
         status = tracking.KILLED
+        raise
+    except BaseException:
+        status = tracking.FAILED
         raise
     finally:
         progress.close()

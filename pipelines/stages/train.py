@@ -86,7 +86,9 @@ def execute(task: RunTask, data: MOSIData, *, threads: int | None = None,
                            parent_run_id=task.parent_run_id)
     run_id = run.info.run_id
     try:
-        outcome = _train_and_evaluate(task, data, threads, progress, start)
+        # One folder per MLflow run: a retried or re-configured run never mixes its curves with another's.
+        tb_dir = Path(task.tensorboard_dir) / task.ablation / f"seed-{task.seed}" / run_id[:8]
+        outcome = _train_and_evaluate(task, data, threads, progress, start, tb_dir)
         outcome.run_id = run_id
         mlflow.end_run(tracking.FINISHED)
         return outcome
@@ -103,12 +105,12 @@ def execute(task: RunTask, data: MOSIData, *, threads: int | None = None,
 
 
 def _train_and_evaluate(task: RunTask, data: MOSIData, threads: int | None, progress: Progress | None,
-                        start: float) -> RunOutcome:
+                        start: float, tb_dir: Path) -> RunOutcome:
     cfg = task.config
     mlflow.log_params(tracking.flat_params({**cfg.flat(), "seed": task.seed,
                                             **{f"data.dim.{m}": d for m, d in data.dims.items()}}))
     tracking.log_dataset(mlflow.tracking.MlflowClient(), mlflow.active_run().info.run_id, data)
-    tb = SummaryWriter(str(Path(task.tensorboard_dir) / task.ablation / f"seed-{task.seed}"))
+    tb = SummaryWriter(str(tb_dir))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         logged = {k: v for k, v in metrics.items() if k != "epoch" and np.isfinite(v)}
@@ -136,7 +138,7 @@ def _train_and_evaluate(task: RunTask, data: MOSIData, threads: int | None, prog
         predictions.to_csv(tmp / "test_predictions.csv", index=False)
         _plot_curves(result.history, tmp / "loss_curve.png", tracking.run_name(task.ablation, task.seed))
         mlflow.log_artifacts(str(tmp))
-    mlflow.log_artifacts(str(Path(task.tensorboard_dir) / task.ablation / f"seed-{task.seed}"), "tensorboard")
+    mlflow.log_artifacts(str(tb_dir), "tensorboard")
     _log_model(model, data)
     return RunOutcome(task.ablation, task.seed, tracking.FINISHED, None, time.monotonic() - start,
                       test_metrics=test_metrics, best_epoch=result.best_epoch)
