@@ -104,7 +104,7 @@ def run_tasks(tasks: list[RunTask], ref: DataRef, data, *, workers: int, uri: st
     except BaseException:
         stop.set()  # before the signal: a worker whose run ends must not pick up a queued one
         running = {f for f in pending if not f.cancel()}
-        _stop_workers(pool, running)
+        stop_workers(pool, running)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -121,16 +121,18 @@ def _drain(events, on_event: Callable[[dict], None]) -> None:
             return
 
 
-def _stop_workers(pool: ProcessPoolExecutor, running: set[Future]) -> None:
-    # Ctrl-C reaches the workers by itself (same process group); SIGTERM sent to us alone does
-    # not, so pass it on: each worker then records its run as KILLED, and its future completes.
+def stop_workers(pool: ProcessPoolExecutor, running: Iterable[Future], timeout: float = 30) -> None:
+    """Pass SIGTERM on to a pool's workers and wait for their futures.
+
+    Ctrl-C reaches the workers by itself (same process group); SIGTERM sent to us alone does
+    not, so each worker gets it and records its run as KILLED, and its future completes."""
     for proc in list(getattr(pool, "_processes", {}).values()):
         if proc.is_alive():
             try:
                 os.kill(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    wait(running, timeout=30)
+    wait(list(running), timeout=timeout)
 
 
 def describe(workers: int, tasks: Iterable[RunTask]) -> str:

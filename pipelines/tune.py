@@ -9,12 +9,10 @@ compared like every other ablation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import multiprocessing as mp
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from msa.config import ConfigError, ModelConfig, RunConfig, TrainConfig, deep_me
 from msa.data import MOSIData
 from msa.training import fit
 from pipelines import tracking
-from pipelines.executor import DataRef, install_sigterm_handler, threads_per_worker
+from pipelines.executor import DataRef, install_sigterm_handler, stop_workers, threads_per_worker
 from pipelines.spec import Spec, SpecError, check_keys, load_spec, read_yaml
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import Interrupted
@@ -770,12 +768,7 @@ def _run_workers(jobs: list[WorkerJob], data: MOSIData, stream: TextIO) -> None:
         for future in futures:
             future.result()
     except Interrupted:
-        # SIGTERM reached only us (Ctrl-C reaches the whole process group by itself): pass it on,
-        # then wait until each worker has failed its trial and killed its run.
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-        wait(futures, timeout=60)
+        stop_workers(pool, futures, timeout=60)  # each worker fails its trial and kills its run
         raise
     except BaseException:
         wait(futures, timeout=60)
