@@ -3,12 +3,18 @@
 It has the lab file's layout, dims (vision 35, text 300, audio 74), 50 front-padded steps and split
 sizes (1284/229/686), and is built so that the lab's questions have real answers:
 
-- text carries polarity: GloVe-like word vectors whose projection on a hidden direction is the
-  word's sentiment, with negators that flip and intensifiers that boost the next sentiment word,
-  so word order matters and a sequence model beats a bag of words;
-- vision carries a weak polarity cue (an expression the words do not say);
-- audio carries intensity (|sentiment|) and almost no polarity, on badly scaled columns with a few
-  `-inf` values, as COVAREP's do;
+- text carries most of the polarity: GloVe-like word vectors whose projection on a hidden axis is
+  the word's sentiment, in 3-word phrases where a negator flips and an intensifier doubles the next
+  sentiment word. One sentiment word in five is negated, so word order matters: a sequence model
+  reads the text better than a bag of words can;
+- vision shows an expression the words do not say (a weak polarity cue on its own, a gain when
+  fused with text);
+- audio shows arousal, which scales how strongly the sentiment is felt, and almost no polarity:
+  useless alone, a gain in magnitude when fused. Its columns are scaled like raw COVAREP's, with a
+  few `-inf` values;
+- every utterance has its own recording gain and level on audio and vision, and word vectors have
+  GloVe-like varying norms: nuisances that a per-step LayerNorm removes and a model without it must
+  learn around, which is the lab's LayerNorm question;
 - labels are means of 5 simulated annotators' integer scores in [-3, 3] (MOSI's grid), and every
   sample ships its noise-free expected label, the oracle, so reports can show the reachable best.
 
@@ -42,14 +48,19 @@ class SyntheticSpec:
     audio_dim: int = 74
     seed: int = 0
     vocab: int = 3000
+    polar_words: int = 400                     # vocabulary entries that carry sentiment
+    polarity_scale: float = 1.5                # length of a sentiment word's vector along the polarity axis
+    negation: float = 0.2                      # chance that a sentiment word is negated
+    intensify: float = 0.2                     # chance that it is intensified (x2) instead
     annotators: int = 5
     annotator_noise: float = 1.1               # std of one annotator's score around the true sentiment
-    text_weight: float = 1.0                   # how strongly words drive the true sentiment
-    vision_weight: float = 0.45                # an expression cue the words do not carry
+    vision_weight: float = 0.4                 # an expression the words do not carry, against text's 1
+    arousal_weight: float = 0.4                # how strongly vocal arousal scales the sentiment
+    gain_spread: float = 1.0                   # log-std of per-utterance recording gain (audio, vision)
     inf_rate: float = 0.002                    # share of real audio steps holding one -inf
 
     def key(self) -> str:
-        return stable_hash({"generator": "msa-synthetic-v1", **asdict(self)})
+        return stable_hash({"generator": "msa-synthetic-v2", **asdict(self)})
 
 
 def make_synthetic(spec: SyntheticSpec | None = None, *, cache_dir: str | Path | None = None,
@@ -95,51 +106,24 @@ def generate_raw(spec: SyntheticSpec) -> dict[str, dict[str, np.ndarray]]:
     """The data set as the MultiBench layout: features (N, T, D), labels (N, 1, 1), ids, and `oracle`."""
     rng = np.random.default_rng(spec.seed)
     n, T = sum(spec.sizes), spec.seq_len
+    embed, polarity, neutral_p = _vocabulary(rng, spec)
+    words, lengths = _utterances(rng, spec, n, polarity, neutral_p)
+    real = words >= 0                                          # (N, T) True on real steps
 
-    # --- vocabulary: GloVe-like vectors; sentiment is a noisy linear read-out of the vector
-    direction = _unit(rng.standard_normal(spec.text_dim))
-    polarity = np.where(rng.random(spec.vocab) < 0.3, rng.normal(0, 1.0, spec.vocab), 0.0)
-    polarity[:20] = 0.0                                       # 0-9 negators, 10-19 intensifiers
-    embed = rng.normal(0, 0.35, (spec.vocab, spec.text_dim))
-    embed -= np.outer(embed @ direction, direction)           # only `polarity` lies along `direction`
-    embed += np.outer(1.2 * polarity, direction)
-    freq = 1.0 / np.arange(1, spec.vocab + 1) ** 0.9          # Zipf-like word frequencies
-    freq[:20] = 0.0
-    freq /= freq.sum()
-
-    # --- utterances: lengths around MOSI's ~12 words, front-padded to T steps
-    lengths = np.clip(np.round(rng.lognormal(np.log(12), 0.5, n)), 3, T).astype(int)
-    real = np.arange(T)[None, :] >= (T - lengths)[:, None]   # (N, T) True on real steps
-    words = rng.choice(spec.vocab, size=(n, T), p=freq)
-    special = rng.random((n, T))
-    words = np.where(special < 0.07, rng.integers(0, 10, (n, T)), words)                 # negators
-    words = np.where((special >= 0.07) & (special < 0.12), rng.integers(10, 20, (n, T)), words)
-
-    # --- text sentiment: negation flips and intensifiers boost the next sentiment-bearing word
-    score = np.zeros(n)
-    negate = np.zeros(n, dtype=bool)
-    boost = np.ones(n)
-    for t in range(T):
-        w, on = words[:, t], real[:, t]
-        is_neg, is_int = on & (w < 10), on & (w >= 10) & (w < 20)
-        s = np.where(on, polarity[w], 0.0)
-        carries = s != 0
-        score += np.where(carries, np.where(negate, -s, s) * boost, 0.0)
-        negate = np.where(carries, False, negate) ^ is_neg
-        boost = np.where(carries, 1.0, np.where(is_int, 2.0, boost))
-    score /= np.sqrt(lengths / 4.0)
-    text_z = score / (score.std() + 1e-8)
-
-    # --- the true sentiment, its annotation, and what each modality shows of it
-    cue = rng.standard_normal(n)                              # expression not carried by words
-    mu = 3.0 * np.tanh(0.6 * (spec.text_weight * text_z + spec.vision_weight * cue))
+    # --- the true sentiment: what the words say, an expression they do not, scaled by vocal arousal
+    text_z = _read_words(words, polarity)
+    text_z /= text_z.std() + 1e-8
+    cue = rng.standard_normal(n)                               # shown by the face only
+    arousal = rng.standard_normal(n)                           # heard in the voice only
+    valence = (text_z + spec.vision_weight * cue) / np.sqrt(1 + spec.vision_weight ** 2)
+    mu = 3.0 * np.tanh(0.75 * np.exp(spec.arousal_weight * arousal) * valence)
     scores = np.clip(np.round(mu[:, None] + rng.normal(0, spec.annotator_noise, (n, spec.annotators))), -3, 3)
     labels = scores.mean(axis=1)
     oracle = expected_label(mu, spec.annotator_noise)
 
-    text = embed[words] * real[..., None]                     # (N, T, 300)
-    vision = _vision(rng, spec, n, T, cue, mu) * real[..., None]
-    audio = _audio(rng, spec, n, T, mu) * real[..., None]
+    text = embed[np.maximum(words, 0)] * real[..., None]       # (N, T, 300)
+    vision = _vision(rng, spec, n, T, cue) * real[..., None]
+    audio = _audio(rng, spec, n, T, arousal, mu) * real[..., None]
     inf_at = real & (rng.random((n, T)) < spec.inf_rate)
     audio[inf_at, rng.integers(0, spec.audio_dim, int(inf_at.sum()))] = -np.inf
 
@@ -157,27 +141,93 @@ def generate_raw(spec: SyntheticSpec) -> dict[str, dict[str, np.ndarray]]:
     return raw
 
 
-def _vision(rng, spec: SyntheticSpec, n: int, T: int, cue: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    # A few "action unit" columns follow the expression; per-speaker offsets dominate the rest.
+# Word ids: 0-9 negators, 10-19 intensifiers, then sentiment words, then neutral words.
+_NEGATORS, _INTENSIFIERS, _FIRST_POLAR = range(0, 10), range(10, 20), 20
+
+
+def _vocabulary(rng, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GloVe-like vectors: noise around a few shared axes (polarity, negation, intensity), with word
+    norms that vary as GloVe's do. Returns (vectors, polarity per word, neutral-word frequencies)."""
+    axes = np.linalg.qr(rng.standard_normal((spec.text_dim, 3)))[0].T       # 3 orthonormal axes
+    embed = rng.normal(0, 0.35, (spec.vocab, spec.text_dim))
+    embed -= (embed @ axes.T) @ axes                                          # noise is off the axes
+    polar = slice(_FIRST_POLAR, _FIRST_POLAR + spec.polar_words)
+    polarity = np.zeros(spec.vocab)
+    polarity[polar] = rng.choice([-1.0, 1.0], spec.polar_words) * rng.uniform(0.5, 1.5, spec.polar_words)
+    embed += np.outer(spec.polarity_scale * polarity, axes[0])
+    embed[_NEGATORS] += 1.5 * axes[1]
+    embed[_INTENSIFIERS] += 1.5 * axes[2]
+    embed *= rng.lognormal(0.0, 0.4, (spec.vocab, 1))                         # word norms vary
+    neutral_p = np.zeros(spec.vocab)
+    first_neutral = _FIRST_POLAR + spec.polar_words
+    neutral_p[first_neutral:] = 1.0 / np.arange(1, spec.vocab - first_neutral + 1) ** 0.9   # Zipf-like
+    return embed, polarity, neutral_p / neutral_p.sum()
+
+
+def _utterances(rng, spec: SyntheticSpec, n: int, polarity: np.ndarray, neutral_p: np.ndarray):
+    """Word ids (N, T), -1 on the front padding, and each utterance's length (around MOSI's ~12).
+
+    An utterance is a run of 3-word phrases, each a sentiment word after two slots that hold neutral
+    words or a modifier: a negator (flips the next sentiment word) or an intensifier (doubles it)."""
+    T = spec.seq_len
+    lengths = np.clip(np.round(rng.lognormal(np.log(12), 0.5, n)), 3, T).astype(int)
+    words = np.full((n, T), -1)
+    for i, length in enumerate(lengths):
+        row = rng.choice(spec.vocab, size=length, p=neutral_p)
+        phrases = length // 3
+        chosen = rng.choice(phrases, size=max(1, rng.binomial(phrases, 0.6)), replace=False)
+        for k in chosen:
+            end = length - 1 - 3 * k                                   # phrase ends at `end`
+            row[end] = _FIRST_POLAR + rng.integers(spec.polar_words)
+            u = rng.random()
+            modifier = (rng.integers(10) if u < spec.negation else
+                        10 + rng.integers(10) if u < spec.negation + spec.intensify else None)
+            if modifier is not None:
+                row[end - 1 - rng.integers(2)] = modifier               # right before, or one word earlier
+        words[i, T - length:] = row
+    return words, lengths
+
+
+def _read_words(words: np.ndarray, polarity: np.ndarray) -> np.ndarray:
+    """What the words say, read left to right: each sentiment word adds its polarity, flipped by an
+    odd number of negators since the previous sentiment word and doubled after an intensifier.
+    Scaled by 1/sqrt(number of sentiment words), so long utterances are not more extreme."""
+    n, T = words.shape
+    score, count = np.zeros(n), np.zeros(n)
+    negate, boost = np.zeros(n, dtype=bool), np.ones(n)
+    for t in range(T):
+        w = words[:, t]
+        s = np.where(w >= 0, polarity[np.maximum(w, 0)], 0.0)
+        carries = s != 0
+        score += np.where(carries, np.where(negate, -s, s) * boost, 0.0)
+        count += carries
+        is_neg, is_int = (w >= 0) & (w < 10), (w >= 10) & (w < 20)
+        negate = np.where(carries, False, negate) ^ is_neg
+        boost = np.where(carries, 1.0, np.where(is_int, 2.0, boost))
+    return score / np.sqrt(np.maximum(count, 1))
+
+
+def _vision(rng, spec: SyntheticSpec, n: int, T: int, cue: np.ndarray) -> np.ndarray:
+    # A few "action unit" columns show the expression, over per-utterance face offsets and frame noise;
+    # the camera's distance and exposure scale and shift every column of an utterance together.
     loading = np.zeros(spec.vision_dim)
-    loading[: min(6, spec.vision_dim)] = rng.uniform(0.3, 0.8, min(6, spec.vision_dim))
-    expression = 0.35 * cue + 0.05 * mu / 3.0                  # (N,)
-    speaker = rng.normal(0, 1.0, (n, 1, spec.vision_dim))
+    loading[: min(6, spec.vision_dim)] = rng.uniform(0.4, 0.9, min(6, spec.vision_dim))
+    face = rng.normal(0, 0.5, (n, 1, spec.vision_dim))
     frames = rng.normal(0, 1.0, (n, T, spec.vision_dim))
-    return speaker + frames + expression[:, None, None] * loading[None, None, :] * 2.0
+    x = face + frames + cue[:, None, None] * loading
+    gain = rng.lognormal(0.0, spec.gain_spread, (n, 1, 1))
+    return gain * x + rng.normal(0, 2.0, (n, 1, 1))
 
 
-def _audio(rng, spec: SyntheticSpec, n: int, T: int, mu: np.ndarray) -> np.ndarray:
-    # Loudness/pitch columns follow intensity |mu|, barely its sign; columns are scaled like raw
-    # COVAREP (Hz, dB next to unit-free ones), which is what the input LayerNorm is for.
-    intensity = np.abs(mu) / 3.0 - 0.3 + 0.01 * mu           # (N,)
+def _audio(rng, spec: SyntheticSpec, n: int, T: int, arousal: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    # Loudness/pitch-range columns follow arousal (and, barely, the sign of the sentiment); columns are
+    # scaled like raw COVAREP (Hz, dB next to unit-free ones), and a per-utterance recording gain
+    # multiplies all of them, so only their ratios carry arousal: that is what the input LayerNorm is for.
     loading = np.zeros(spec.audio_dim)
     loading[: min(8, spec.audio_dim)] = rng.uniform(0.5, 1.0, min(8, spec.audio_dim))
-    frames = rng.normal(0, 1.0, (n, T, spec.audio_dim)) + intensity[:, None, None] * loading * 1.5
+    level = arousal + 0.1 * mu
+    frames = rng.normal(0, 1.0, (n, T, spec.audio_dim)) + level[:, None, None] * loading
     scale = np.exp(rng.uniform(np.log(0.05), np.log(80.0), spec.audio_dim))
     offset = rng.normal(0, 3.0, spec.audio_dim) * scale
-    return frames * scale + offset
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+    gain = rng.lognormal(0.0, spec.gain_spread, (n, 1, 1))
+    return gain * (frames * scale + offset)

@@ -1,10 +1,13 @@
 """The synthetic stand-in: deterministic, MOSI-shaped, labelled synthetic, with MOSI's modality ranking."""
 
 import numpy as np
+import pytest
 import torch
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import RidgeCV
 
-from msa.synthetic import SyntheticSpec, expected_label, make_synthetic
+from msa.config import RunConfig
+from msa.synthetic import SyntheticSpec, _read_words, _utterances, _vocabulary, expected_label, make_synthetic
+from msa.training import fit
 
 
 def test_deterministic_and_seed_dependent():
@@ -52,14 +55,64 @@ def _pooled(split, modality):
     return (x * real).sum(1) / np.maximum(real.sum(1), 1)
 
 
-def test_single_modality_ranking_matches_mosi():
-    data = make_synthetic(SyntheticSpec())  # the default, MOSI-sized
-    corr = {}
-    for m in ("text", "vision", "audio"):
-        xtr, xte = _pooled(data["train"], m), _pooled(data["test"], m)
-        mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-        model = Ridge(alpha=30.0).fit((xtr - mean) / std, data["train"].labels.numpy())
-        corr[m] = np.corrcoef(model.predict((xte - mean) / std), data["test"].labels.numpy())[0, 1]
+@pytest.fixture(scope="module")
+def mosi_sized():
+    return make_synthetic(SyntheticSpec())  # the default, MOSI-sized
+
+
+def _ridge_corr(data, modalities):
+    """Test Corr of a ridge regression on mean-pooled features: the bag-of-words (bag-of-frames) baseline."""
+    xtr = np.concatenate([_pooled(data["train"], m) for m in modalities], axis=1)
+    xte = np.concatenate([_pooled(data["test"], m) for m in modalities], axis=1)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    model = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit((xtr - mean) / std, data["train"].labels.numpy())
+    return np.corrcoef(model.predict((xte - mean) / std), data["test"].labels.numpy())[0, 1]
+
+
+def test_single_modality_ranking_matches_mosi(mosi_sized):
+    corr = {m: _ridge_corr(mosi_sized, [m]) for m in ("text", "vision", "audio")}
     assert corr["text"] > corr["vision"] + 0.15 and corr["vision"] > corr["audio"] + 0.05, corr
-    oracle_corr = np.corrcoef(data["test"].oracle.numpy(), data["test"].labels.numpy())[0, 1]
-    assert oracle_corr > corr["text"] + 0.2
+    oracle_corr = np.corrcoef(mosi_sized["test"].oracle.numpy(), mosi_sized["test"].labels.numpy())[0, 1]
+    assert oracle_corr > corr["text"] + 0.3
+
+
+def test_fusing_modalities_helps_even_a_bag_of_features(mosi_sized):
+    text, fused = _ridge_corr(mosi_sized, ["text"]), _ridge_corr(mosi_sized, ["vision", "text", "audio"])
+    assert fused > text + 0.03, (text, fused)
+
+
+def test_a_sequence_model_reads_the_text_better_than_a_bag_of_words(mosi_sized):
+    bag = _ridge_corr(mosi_sized, ["text"])
+    config = RunConfig.from_dict({"model": {"modalities": ["text"]}, "train": {"epochs": 5}})
+    lstm = fit(config, mosi_sized, seed=1111, threads=1).test_metrics["Corr"]
+    assert lstm > bag + 0.08, (bag, lstm)
+
+
+def test_words_are_read_in_order():
+    polarity = np.zeros(30)
+    polarity[20], polarity[21] = 1.0, -0.5          # ids 0-9 negate, 10-19 intensify, 22+ neutral
+    pad = -1
+    rows = {
+        "plain": ([pad, 25, 20], 1.0),
+        "negated": ([pad, 3, 20], -1.0),
+        "negation reaches over a neutral word": ([3, 25, 20], -1.0),
+        "double negation": ([3, 4, 20], 1.0),
+        "intensified": ([pad, 12, 21], -1.0),
+        "a modifier binds only the next sentiment word": ([3, 20, 20], 0.0),
+        "negated intensified": ([3, 12, 21], 1.0),
+    }
+    got = _read_words(np.array([r for r, _ in rows.values()]), polarity)
+    counts = np.array([1, 1, 1, 1, 1, 2, 1])
+    want = np.array([v for _, v in rows.values()]) / np.sqrt(counts)
+    np.testing.assert_allclose(got, want, err_msg=str(list(rows)))
+
+
+def test_negation_makes_order_matter_but_leaves_the_bag_informative():
+    spec = SyntheticSpec()
+    rng = np.random.default_rng(0)
+    _, polarity, neutral_p = _vocabulary(rng, spec)
+    words, _ = _utterances(rng, spec, 2000, polarity, neutral_p)
+    in_order = _read_words(words, polarity)
+    bag = np.where(words >= 0, polarity[np.maximum(words, 0)], 0.0).sum(1)
+    r = np.corrcoef(in_order, bag)[0, 1]
+    assert 0.4 < r < 0.8, r                         # about 1 - 2 x (share negated)
