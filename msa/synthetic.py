@@ -60,6 +60,7 @@ class SyntheticSpec:
     inf_rate: float = 0.002                    # share of real audio steps holding one -inf
 
     def key(self) -> str:
+        # The cache key: bump the generator's name whenever a change would alter its output.
         return stable_hash({"generator": "msa-synthetic-v2", **asdict(self)})
 
 
@@ -107,7 +108,7 @@ def generate_raw(spec: SyntheticSpec) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(spec.seed)
     n, T = sum(spec.sizes), spec.seq_len
     embed, polarity, neutral_p = _vocabulary(rng, spec)
-    words, lengths = _utterances(rng, spec, n, polarity, neutral_p)
+    words, lengths = _utterances(rng, spec, n, neutral_p)
     real = words >= 0                                          # (N, T) True on real steps
 
     # --- the true sentiment: what the words say, an expression they do not, scaled by vocal arousal
@@ -164,7 +165,7 @@ def _vocabulary(rng, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.nd
     return embed, polarity, neutral_p / neutral_p.sum()
 
 
-def _utterances(rng, spec: SyntheticSpec, n: int, polarity: np.ndarray, neutral_p: np.ndarray):
+def _utterances(rng, spec: SyntheticSpec, n: int, neutral_p: np.ndarray):
     """Word ids (N, T), -1 on the front padding, and each utterance's length (around MOSI's ~12).
 
     An utterance is a run of 3-word phrases, each a sentiment word after two slots that hold neutral
@@ -180,8 +181,9 @@ def _utterances(rng, spec: SyntheticSpec, n: int, polarity: np.ndarray, neutral_
             end = length - 1 - 3 * k                                   # phrase ends at `end`
             row[end] = _FIRST_POLAR + rng.integers(spec.polar_words)
             u = rng.random()
-            modifier = (rng.integers(10) if u < spec.negation else
-                        10 + rng.integers(10) if u < spec.negation + spec.intensify else None)
+            modifier = (_NEGATORS[rng.integers(len(_NEGATORS))] if u < spec.negation else
+                        _INTENSIFIERS[rng.integers(len(_INTENSIFIERS))] if u < spec.negation + spec.intensify
+                        else None)
             if modifier is not None:
                 row[end - 1 - rng.integers(2)] = modifier               # right before, or one word earlier
         words[i, T - length:] = row
@@ -201,7 +203,8 @@ def _read_words(words: np.ndarray, polarity: np.ndarray) -> np.ndarray:
         carries = s != 0
         score += np.where(carries, np.where(negate, -s, s) * boost, 0.0)
         count += carries
-        is_neg, is_int = (w >= 0) & (w < 10), (w >= 10) & (w < 20)
+        is_neg = (w >= _NEGATORS.start) & (w < _NEGATORS.stop)
+        is_int = (w >= _INTENSIFIERS.start) & (w < _INTENSIFIERS.stop)
         negate = np.where(carries, False, negate) ^ is_neg
         boost = np.where(carries, 1.0, np.where(is_int, 2.0, boost))
     return score / np.sqrt(np.maximum(count, 1))

@@ -111,7 +111,7 @@ def test_negation_makes_order_matter_but_leaves_the_bag_informative():
     spec = SyntheticSpec()
     rng = np.random.default_rng(0)
     _, polarity, neutral_p = _vocabulary(rng, spec)
-    words, _ = _utterances(rng, spec, 2000, polarity, neutral_p)
+    words, _ = _utterances(rng, spec, 2000, neutral_p)
     in_order = _read_words(words, polarity)
     bag = np.where(words >= 0, polarity[np.maximum(words, 0)], 0.0).sum(1)
     r = np.corrcoef(in_order, bag)[0, 1]
