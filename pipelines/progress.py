@@ -6,7 +6,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 from tqdm import tqdm
 
@@ -23,27 +23,35 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class SuiteProgress:
-    def __init__(self, total_runs: int, total_epochs: int, stream: TextIO | None = None):
+    """`plan` maps each (ablation, seed) to train to (epochs, estimated cost of one of its epochs). The
+    bar counts epochs; the ETA weighs each epoch by its cost, since a 2-layer Transformer epoch over
+    three modalities takes several times as long as a text-only LSTM one, and the suite runs the
+    long ones first."""
+
+    def __init__(self, plan: Mapping[tuple[str, int], tuple[int, float]], stream: TextIO | None = None):
         self.stream = stream or sys.stderr
-        self.total_runs, self.total_epochs = total_runs, total_epochs
-        self.done_runs, self.done_epochs = 0, 0
+        self.plan = dict(plan)
+        self.total_runs, self.total_epochs = len(self.plan), sum(e for e, _ in self.plan.values())
+        self.total_cost = sum(e * c for e, c in self.plan.values())
+        self.done_runs, self.done_epochs, self.done_cost = 0, 0, 0.0
         self.seen: dict[tuple[str, int], int] = {}   # (ablation, seed) -> epochs reported
         self.start = time.monotonic()
         show_bar = os.environ.get("MSA_PROGRESS", "1") != "0" and self.stream.isatty()
-        self.bar = tqdm(total=total_epochs, unit="epoch", file=self.stream, disable=not show_bar,
+        self.bar = tqdm(total=self.total_epochs, unit="epoch", file=self.stream, disable=not show_bar,
                         dynamic_ncols=True, leave=False)
 
     def eta(self) -> float:
-        if self.done_epochs == 0:
+        if self.done_cost <= 0:
             return math.inf
-        rate = (time.monotonic() - self.start) / self.done_epochs
-        return rate * max(0, self.total_epochs - self.done_epochs)
+        rate = (time.monotonic() - self.start) / self.done_cost
+        return rate * max(0.0, self.total_cost - self.done_cost)
 
     def on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") != "epoch":
             return
-        self.done_epochs += 1
         key = (event["ablation"], event["seed"])
+        self.done_epochs += 1
+        self.done_cost += self._epoch_cost(key)
         self.seen[key] = self.seen.get(key, 0) + 1
         self.bar.update(1)
         corr = event.get("val_Corr")
@@ -51,17 +59,18 @@ class SuiteProgress:
         self.bar.set_postfix_str(f"{event['ablation']}/seed-{event['seed']} epoch {event['epoch']}/"
                                  f"{event['epochs']} val Corr {corr_txt}")
 
-    def skip_epochs(self, n: int) -> None:
-        """Epochs a run did not need (early stop): take them off the ETA."""
-        self.total_epochs -= n
-        self.bar.total = self.total_epochs
-        self.bar.refresh()
+    def _epoch_cost(self, key: tuple[str, int]) -> float:
+        return self.plan.get(key, (0, 1.0))[1]
 
-    def on_done(self, outcome: RunOutcome, planned_epochs: int) -> None:
+    def on_done(self, outcome: RunOutcome) -> None:
         self.done_runs += 1
-        epochs_run = self.seen.get((outcome.ablation, outcome.seed), 0)
-        if epochs_run < planned_epochs:  # early stop or failure: those epochs will never come
-            self.skip_epochs(planned_epochs - epochs_run)
+        key = (outcome.ablation, outcome.seed)
+        missing = self.plan.get(key, (0, 1.0))[0] - self.seen.get(key, 0)
+        if missing > 0:  # early stop or failure: those epochs will never come; take them off
+            self.total_epochs -= missing
+            self.total_cost -= missing * self._epoch_cost(key)
+            self.bar.total = self.total_epochs
+            self.bar.refresh()
         name = f"{outcome.ablation}/seed-{outcome.seed}"
         if outcome.status == "FINISHED" and outcome.test_metrics:
             m = outcome.test_metrics

@@ -129,12 +129,13 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
     say(f"{len(tasks_all)} runs in experiment '{spec.experiment}': {len(rows)} cached, "
         + (describe(workers, tasks) if tasks else "nothing to train"))
 
-    progress = SuiteProgress(len(tasks), sum(t.config.train.epochs for t in tasks), stream)
-    planned = {(t.ablation, t.seed): t.config.train.epochs for t in tasks}
+    # (epochs, cost of one epoch) per run: the ETA weighs epochs by what they cost
+    plan = {(t.ablation, t.seed): (t.config.train.epochs, estimated_cost(t) / t.config.train.epochs) for t in tasks}
+    progress = SuiteProgress(plan, stream)
     run_keys = {(a, s): k for a, s, k in tasks_all}
 
     def on_done(outcome: RunOutcome) -> None:
-        progress.on_done(outcome, planned[(outcome.ablation, outcome.seed)])
+        progress.on_done(outcome)
         key = (outcome.ablation, outcome.seed)
         rows[key] = SuiteRow(outcome.ablation, outcome.seed, run_keys[key], outcome.run_id, outcome.status,
                              outcome.test_metrics or {}, outcome.error)
