@@ -12,9 +12,9 @@ sizes (1284/229/686), and is built so that the lab's questions have real answers
 - audio shows arousal, which scales how strongly the sentiment is felt, and almost no polarity:
   useless alone, a gain in magnitude when fused. Its columns are scaled like raw COVAREP's, with a
   few `-inf` values;
-- every utterance has its own recording gain and level on audio and vision, and word vectors have
-  GloVe-like varying norms: nuisances that a per-step LayerNorm removes and a model without it must
-  learn around, which is the lab's LayerNorm question;
+- every utterance has its own recording gain on audio and vision (and level on vision), and word
+  vectors have GloVe-like varying norms: nuisances that a per-step LayerNorm removes and a model
+  without it must learn around, which is the lab's LayerNorm question;
 - labels are means of 5 simulated annotators' integer scores in [-3, 3] (MOSI's grid), and every
   sample ships its noise-free expected label, the oracle, so reports can show the reachable best.
 
@@ -58,6 +58,29 @@ class SyntheticSpec:
     arousal_weight: float = 0.4                # how strongly vocal arousal scales the sentiment
     gain_spread: float = 1.0                   # log-std of per-utterance recording gain (audio, vision)
     inf_rate: float = 0.002                    # share of real audio steps holding one -inf
+
+    def __post_init__(self):
+        problems = []
+        if len(self.sizes) != 3 or not all(isinstance(k, int) and k >= 2 for k in self.sizes):
+            problems.append(f"sizes must be three integers >= 2 (train, valid, test), got {self.sizes!r}")
+        if self.seq_len < 3:
+            problems.append(f"seq_len must be >= 3 (the shortest utterance has 3 words), got {self.seq_len}")
+        if min(self.vision_dim, self.text_dim, self.audio_dim) < 1:
+            problems.append("vision_dim, text_dim and audio_dim must be >= 1")
+        if self.text_dim < 3:
+            problems.append(f"text_dim must be >= 3 (polarity, negation and intensity axes), got {self.text_dim}")
+        if self.polar_words < 1 or self.vocab <= _FIRST_POLAR + self.polar_words:
+            problems.append(f"need 1 <= polar_words and vocab > {_FIRST_POLAR} + polar_words (room for neutral "
+                            f"words), got vocab={self.vocab}, polar_words={self.polar_words}")
+        if not (0 <= self.negation and 0 <= self.intensify and self.negation + self.intensify <= 1):
+            problems.append(f"negation and intensify are chances: >= 0 with a sum <= 1, "
+                            f"got {self.negation} and {self.intensify}")
+        if self.annotators < 1 or self.annotator_noise <= 0:
+            problems.append("annotators must be >= 1 and annotator_noise > 0")
+        if not 0 <= self.inf_rate <= 1:
+            problems.append(f"inf_rate must be in [0, 1], got {self.inf_rate}")
+        if problems:
+            raise ValueError("SyntheticSpec: " + "; ".join(problems))
 
     def key(self) -> str:
         # The cache key: bump the generator's name whenever a change would alter its output.
@@ -168,8 +191,10 @@ def _vocabulary(rng, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.nd
 def _utterances(rng, spec: SyntheticSpec, n: int, neutral_p: np.ndarray):
     """Word ids (N, T), -1 on the front padding, and each utterance's length (around MOSI's ~12).
 
-    An utterance is a run of 3-word phrases, each a sentiment word after two slots that hold neutral
-    words or a modifier: a negator (flips the next sentiment word) or an intensifier (doubles it)."""
+    An utterance is a run of 3-word phrases, aligned to its end, after `length % 3` neutral words.
+    About 60% of the phrases (at least one) end in a sentiment word; one of the two slots before it
+    may hold a modifier: a negator (flips it) or an intensifier (doubles it). The other phrases, and
+    every other slot, hold neutral words."""
     T = spec.seq_len
     lengths = np.clip(np.round(rng.lognormal(np.log(12), 0.5, n)), 3, T).astype(int)
     words = np.full((n, T), -1)

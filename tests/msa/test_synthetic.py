@@ -1,5 +1,7 @@
 """The synthetic stand-in: deterministic, MOSI-shaped, labelled synthetic, with MOSI's modality ranking."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,17 @@ def test_shape_padding_grid_inf_and_labels(tiny_data):
         assert y.min() >= -3 and y.max() <= 3
         np.testing.assert_allclose(y * 5, np.round(y * 5), atol=1e-4)      # mean of 5 integer scores
         assert split.oracle is not None
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"seq_len": 2}, "seq_len must be >= 3"),
+    ({"sizes": (10, 0, 5)}, "sizes must be three integers"),
+    ({"polar_words": 2990}, "vocab > 20 + polar_words"),
+    ({"negation": 0.7, "intensify": 0.5}, "sum <= 1"),
+])
+def test_bad_spec_is_refused_with_a_clear_message(bad, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        SyntheticSpec(**bad)
 
 
 def test_cache_returns_the_same_data(tmp_path):
@@ -71,14 +84,15 @@ def _ridge_corr(data, modalities):
 
 def test_single_modality_ranking_matches_mosi(mosi_sized):
     corr = {m: _ridge_corr(mosi_sized, [m]) for m in ("text", "vision", "audio")}
-    assert corr["text"] > corr["vision"] + 0.15 and corr["vision"] > corr["audio"] + 0.05, corr
+    # measured: text 0.416, vision 0.177, audio 0.081; thresholds at about half the gaps
+    assert corr["text"] > corr["vision"] + 0.12 and corr["vision"] > corr["audio"] + 0.05, corr
     oracle_corr = np.corrcoef(mosi_sized["test"].oracle.numpy(), mosi_sized["test"].labels.numpy())[0, 1]
     assert oracle_corr > corr["text"] + 0.3
 
 
 def test_fusing_modalities_helps_even_a_bag_of_features(mosi_sized):
     text, fused = _ridge_corr(mosi_sized, ["text"]), _ridge_corr(mosi_sized, ["vision", "text", "audio"])
-    assert fused > text + 0.03, (text, fused)
+    assert fused > text + 0.025, (text, fused)      # measured: 0.465 against 0.416
 
 
 def test_a_sequence_model_reads_the_text_better_than_a_bag_of_words(mosi_sized):
@@ -100,9 +114,10 @@ def test_words_are_read_in_order():
         "intensified": ([pad, 12, 21], -1.0),
         "a modifier binds only the next sentiment word": ([3, 20, 20], 0.0),
         "negated intensified": ([3, 12, 21], 1.0),
+        "an intensifier binds only the next sentiment word": ([12, 20, 20], 3.0),
     }
     got = _read_words(np.array([r for r, _ in rows.values()]), polarity)
-    counts = np.array([1, 1, 1, 1, 1, 2, 1])
+    counts = np.array([1, 1, 1, 1, 1, 2, 1, 2])
     want = np.array([v for _, v in rows.values()]) / np.sqrt(counts)
     np.testing.assert_allclose(got, want, err_msg=str(list(rows)))
 
