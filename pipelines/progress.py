@@ -6,7 +6,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 from tqdm import tqdm
 
@@ -28,14 +28,16 @@ class SuiteProgress:
     three modalities takes several times as long as a text-only LSTM one, and the suite runs the
     long ones first."""
 
-    def __init__(self, plan: Mapping[tuple[str, int], tuple[int, float]], stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
+    def __init__(self, plan: Mapping[tuple[str, int], tuple[int, float]], stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream, self.clock = stream or sys.stderr, clock
         self.plan = dict(plan)
         self.total_runs, self.total_epochs = len(self.plan), sum(e for e, _ in self.plan.values())
         self.total_cost = sum(e * c for e, c in self.plan.values())
         self.done_runs, self.done_epochs, self.done_cost = 0, 0, 0.0
         self.seen: dict[tuple[str, int], int] = {}   # (ablation, seed) -> epochs reported
-        self.start = time.monotonic()
+        self.finished: set[tuple[str, int]] = set()
+        self.start = clock()
         show_bar = os.environ.get("MSA_PROGRESS", "1") != "0" and self.stream.isatty()
         self.bar = tqdm(total=self.total_epochs, unit="epoch", file=self.stream, disable=not show_bar,
                         dynamic_ncols=True, leave=False)
@@ -43,13 +45,15 @@ class SuiteProgress:
     def eta(self) -> float:
         if self.done_cost <= 0:
             return math.inf
-        rate = (time.monotonic() - self.start) / self.done_cost
+        rate = (self.clock() - self.start) / self.done_cost
         return rate * max(0.0, self.total_cost - self.done_cost)
 
     def on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") != "epoch":
             return
         key = (event["ablation"], event["seed"])
+        if key in self.finished or key not in self.plan:  # late, or not ours: already off the totals
+            return
         self.done_epochs += 1
         self.done_cost += self._epoch_cost(key)
         self.seen[key] = self.seen.get(key, 0) + 1
@@ -60,12 +64,13 @@ class SuiteProgress:
                                  f"{event['epochs']} val Corr {corr_txt}")
 
     def _epoch_cost(self, key: tuple[str, int]) -> float:
-        return self.plan.get(key, (0, 1.0))[1]
+        return self.plan[key][1]
 
     def on_done(self, outcome: RunOutcome) -> None:
         self.done_runs += 1
         key = (outcome.ablation, outcome.seed)
-        missing = self.plan.get(key, (0, 1.0))[0] - self.seen.get(key, 0)
+        self.finished.add(key)
+        missing = self.plan[key][0] - self.seen.get(key, 0)
         if missing > 0:  # early stop or failure: those epochs will never come; take them off
             self.total_epochs -= missing
             self.total_cost -= missing * self._epoch_cost(key)
@@ -90,4 +95,4 @@ class SuiteProgress:
 
     @property
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.clock() - self.start

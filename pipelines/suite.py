@@ -70,7 +70,7 @@ def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Se
 
 def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
     from dataclasses import replace
-    return replace(spec, seeds=tuple(int(s) for s in seeds))
+    return replace(spec, seeds=tuple(dict.fromkeys(int(s) for s in seeds)))  # a repeated seed runs once
 
 
 def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False, workers: int | None = None,

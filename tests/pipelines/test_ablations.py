@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.run import main
-from pipelines.spec import load_spec
+from pipelines.spec import load_spec, parse_spec
+from pipelines.suite import resolve_spec
 
 NAMES = ["baseline", "transformer", "no_layernorm", "text_only", "vision_only", "audio_only", "text_vision",
          "text_audio", "vision_audio", "loss_mae", "loss_huber", "attention_fusion", "improved"]
@@ -42,6 +43,11 @@ def quick_suite(tmp_path_factory):
 def test_default_spec_has_the_lab_names():
     assert load_spec().names == NAMES
     assert len(load_spec().seeds) == 3
+
+
+def test_a_repeated_seed_runs_once():
+    assert resolve_spec(None, only=["baseline"], seeds=[7, 3, 7], epochs=None, quick=False).seeds == (7, 3)
+    assert parse_spec({"experiment": "e", "seeds": [5, 5, 1], "ablations": {"baseline": {}}}, "s.yaml").seeds == (5, 1)
 
 
 def test_quick_suite_finishes_every_name_nested_under_a_suite_run(quick_suite):

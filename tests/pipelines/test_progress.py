@@ -2,18 +2,18 @@
 
 import io
 
-import pytest
+from pytest import approx
 
-from pipelines import progress as progress_mod
 from pipelines.progress import SuiteProgress
 from pipelines.stages.train import RunOutcome
 
 
-@pytest.fixture
-def clock(monkeypatch):
-    now = [0.0]
-    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: now[0])
-    return now
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
 
 
 def _epochs(p, ablation, seed, n):
@@ -21,21 +21,40 @@ def _epochs(p, ablation, seed, n):
         p.on_event({"event": "epoch", "ablation": ablation, "seed": seed, "epoch": e, "epochs": n, "val_Corr": 0.1})
 
 
-def test_eta_weighs_epochs_by_cost(clock):
-    p = SuiteProgress({("improved", 1): (10, 4.0), ("text_only", 1): (10, 1.0)}, io.StringIO())
+def _done(p, ablation, seed, status="FINISHED", epochs=3):
+    metrics = {"Corr": 0.5, "MAE": 1.0, "Has0_acc_2": 0.7} if status == "FINISHED" else None
+    p.on_done(RunOutcome(ablation, seed, status, "r", 1.0, metrics, epochs, None if metrics else "boom"))
+
+
+def test_eta_weighs_epochs_by_cost():
+    clock = Clock()
+    p = SuiteProgress({("improved", 1): (10, 4.0), ("text_only", 1): (10, 1.0)}, io.StringIO(), clock=clock)
     assert p.eta() == float("inf")
-    clock[0] = 40.0                                    # 10 heavy epochs took 40 s: 1 s per unit of cost
+    clock.now = 40.0                                   # 10 heavy epochs took 40 s: 1 s per unit of cost
     _epochs(p, "improved", 1, 10)
-    assert p.eta() == pytest.approx(10.0)              # 10 light epochs of cost 1 are left, not 40 s
+    assert p.eta() == approx(10.0)                     # 10 light epochs of cost 1 are left, not 40 s
     assert p.done_epochs == 10 and p.total_epochs == 20
 
 
-def test_early_stop_takes_the_missing_epochs_off(clock):
-    out = io.StringIO()
-    p = SuiteProgress({("a", 1): (10, 2.0), ("b", 1): (10, 1.0)}, out)
-    clock[0] = 6.0
+def test_early_stop_and_failure_take_the_missing_epochs_off():
+    out, clock = io.StringIO(), Clock()
+    p = SuiteProgress({("a", 1): (10, 2.0), ("b", 1): (10, 1.0), ("c", 1): (5, 1.0)}, out, clock=clock)
+    clock.now = 6.0
     _epochs(p, "a", 1, 3)                              # 3 epochs of cost 2 in 6 s, then stopped early
-    p.on_done(RunOutcome("a", 1, "FINISHED", "r1", 6.0, {"Corr": 0.5, "MAE": 1.0, "Has0_acc_2": 0.7}, 3))
-    assert p.total_epochs == 13 and p.total_cost == pytest.approx(16.0)
-    assert p.eta() == pytest.approx(10.0)
-    assert "[1/2] a/seed-1" in out.getvalue() and "suite ETA 10s" in out.getvalue()
+    _done(p, "a", 1)
+    assert p.total_epochs == 18 and p.total_cost == approx(21.0)
+    assert p.eta() == approx(15.0)
+    assert "[1/3] a/seed-1" in out.getvalue() and "suite ETA 15s" in out.getvalue()
+    _done(p, "c", 1, status="FAILED")                  # failed before its first epoch
+    assert p.total_epochs == 13 and p.eta() == approx(10.0)
+    assert "FAILED: boom" in out.getvalue()
+
+
+def test_late_and_unknown_events_are_not_counted():
+    clock = Clock()
+    p = SuiteProgress({("a", 1): (4, 1.0), ("b", 1): (4, 1.0)}, io.StringIO(), clock=clock)
+    _epochs(p, "a", 1, 2)
+    _done(p, "a", 1)
+    _epochs(p, "a", 1, 1)                              # an epoch event that arrives after its run ended
+    _epochs(p, "zzz", 7, 3)                            # and one from a run this suite does not plan
+    assert p.done_epochs == 2 and p.done_cost == approx(2.0) and p.total_cost == approx(6.0)
