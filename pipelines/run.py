@@ -80,7 +80,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a suite's ablations with the baseline (no training)",
                        description="Rebuild the comparison of the latest suite (or --suite) from the tracking "
                                    "store alone: a table on the terminal, and comparison.csv, comparison.md and "
-                                   "report.html in reports/<experiment>/, also logged on the suite's run.")
+                                   "report.html in reports/<experiment>/ (a tune suite's: reports/<experiment>/tune/), "
+                                   "also logged on the suite's run.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
     p.add_argument("--suite", metavar="RUN_ID", help="the suite's parent run id (default: the latest suite)")
     p.add_argument("--spec", metavar="FILE", help="spec whose experiment is the default (default: ablations.yaml)")

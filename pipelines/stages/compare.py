@@ -3,7 +3,7 @@
 Reads only the tracking store (the suite's parent run, its `suite.json`, the child runs' test
 metrics, metric histories and `test_predictions.csv`), so it works on runs made on other machines.
 Writes `comparison.csv`, `comparison.md` and a self-contained `report.html` to `reports/<experiment>/`
-and logs them on the suite's parent run under `comparison/`.
+(a `tune` suite: `reports/<experiment>/tune/`) and logs them on the suite's parent run under `comparison/`.
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
             out_dir: str | Path | None = None, n_boot: int = 2000, seed: int = 0,
             log_artifacts: bool = True) -> Comparison:
     """Compare a suite's ablations with its baseline (the latest suite unless one is named); write
-    comparison.csv/.md and report.html to `out_dir` (default reports/<experiment>) and log them on the
+    comparison.csv/.md and report.html to `out_dir` (default: `default_report_dir`) and log them on the
     suite's parent run under comparison/."""
     from pipelines import report
 
@@ -502,13 +502,20 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
         modality_subsets=modality_subsets(records, baseline), experiment=experiment,
         suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
         test=describe_test(n_boot, n_test), n_test=n_test, seeds=seeds)
-    out = Path(out_dir) if out_dir else Path("reports") / experiment
+    out = Path(out_dir) if out_dir else default_report_dir(experiment, parent.data.tags.get("suite"))
     comparison.paths = report.write_reports(comparison, out.resolve())
     if log_artifacts:
         for path in comparison.paths.values():
             client.log_artifact(parent.info.run_id, str(path), "comparison")
         client.set_tag(parent.info.run_id, "comparison", "comparison/report.html")
     return comparison
+
+
+def default_report_dir(experiment: str, suite: str | None) -> Path:
+    """reports/<experiment> for an `ablations` suite; another suite (a `tune` run's three ablations)
+    gets a folder of its own below it, so that it never replaces the full suite's report."""
+    base = Path("reports") / experiment
+    return base if suite in (None, "ablations") else base / suite
 
 
 def _runs_table(records: list[RunRecord]) -> pd.DataFrame:

@@ -152,7 +152,7 @@ def test_best_trial_becomes_improved_tuned_trained_and_compared(tuned, monkeypat
     assert {r["status"] for r in rows if r["ablation"] != "improved_tuned"} == {"CACHED"}   # never trained twice
     if (Path(tune.__file__).parent / "stages" / "compare.py").exists():
         assert suites[-1].data.tags.get("comparison") == "comparison/report.html"
-        table = (tuned["tmp"] / "reports" / "tune-unit" / "comparison.csv").read_text()
+        table = (tuned["tmp"] / "reports" / "tune-unit" / "tune" / "comparison.csv").read_text()
         assert "improved_tuned" in table and "improved" in table
 
 
