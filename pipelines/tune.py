@@ -50,7 +50,7 @@ from pipelines.suite import TUNED, SuiteResult, resolve_spec, run_suite
 DEFAULT_TUNE_SPEC = Path(__file__).parent / "specs" / "tune.yaml"
 
 TUNE_KEYS = ("study", "ablations", "base", "experiment", "metric", "seeds", "trials", "sampler", "pruner",
-             "storage", "compare_with", "quick", "space")
+             "storage", "compare_with", "start_from", "quick", "space")
 PRUNERS = ("median", "hyperband", "threshold", "none")
 HEARTBEAT_KEY = "heartbeat"          # trial system attr: time.time() of the last heartbeat (journal storage)
 # Fields a trial may not sample: the pruner's steps follow epochs, and the objective is the metric
@@ -119,6 +119,7 @@ class TuneSpec:
     storage: StorageSettings
     compare_with: tuple[str, ...]
     space: dict[str, Param]
+    start_from: tuple[tuple[str, dict[str, Any]], ...] = ()   # (ablation, its values in the space): first trials
 
     @property
     def direction(self) -> str:
@@ -176,6 +177,12 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
         storage=_parse_storage(raw.get("storage") or {}, path), compare_with=tuple(compare_with),
         space=_parse_space(raw["space"], path))
     _validate_space(spec, ablations)
+    start_from = raw.get("start_from") or []
+    if not isinstance(start_from, list) or any(n not in ablations.ablations for n in start_from):
+        raise SpecError(f"{path}: 'start_from' must list ablations of {ablations_path} "
+                        f"({ablations.names}); got {start_from!r}")
+    spec = dataclasses.replace(spec, start_from=tuple(
+        (str(n), start_values(spec, ablations, str(n), path)) for n in dict.fromkeys(start_from)))
     try:  # fail at load, not in the first trial, on a misspelt sampler or pruner argument
         make_sampler(spec, seed=0)
         make_pruner(spec.pruner, steps=1)
@@ -260,6 +267,28 @@ def _parse_when(raw: Any, earlier: Mapping[str, Param], where: str) -> tuple[tup
         if k not in earlier:
             raise SpecError(f"{where}: 'when' names {k!r}, which is not a parameter declared above it")
     return tuple((k, tuple(v) if isinstance(v, list) else (v,)) for k, v in raw.items())
+
+
+def start_values(spec: TuneSpec, ablations: Spec, name: str, path: str) -> dict[str, Any]:
+    """Ablation `name`'s own values for the space's params, so that a study can start from it: a
+    numeric value outside its range is clipped into it (weight decay 0 becomes the range's floor);
+    a value that is not among a param's choices cannot be expressed, which is an error."""
+    config = ablations.ablations[name].to_dict()
+    values: dict[str, Any] = {}
+    for p in spec.space.values():
+        if not p.active(values):
+            continue
+        section, key = p.name.split(".")
+        value = config[section][key]
+        if p.kind == "choices":
+            if value not in p.choices:
+                raise SpecError(f"{path}: start_from '{name}': its {p.name} is {value!r}, which is not among the "
+                                f"space's choices {list(p.choices)}; add it there or start from another ablation")
+        else:
+            value = min(max(value, p.low), p.high)
+            value = int(value) if p.kind == "int" else float(value)
+        values[p.name] = value
+    return values
 
 
 def _validate_space(spec: TuneSpec, ablations: Spec) -> None:
@@ -478,7 +507,8 @@ class TrialRun:
         self.client = MlflowClient(where.uri)
         run = self.client.create_run(where.experiment_id, run_name=f"trial-{trial.number}", tags={
             MLFLOW_PARENT_RUN_ID: where.parent_run_id, "optuna_trial": str(trial.number),
-            "optuna_study": where.study, "optuna_state": TrialState.RUNNING.name, **dict(where.tags)})
+            "optuna_study": where.study, "optuna_state": TrialState.RUNNING.name, **dict(where.tags),
+            **({"start_from": trial.user_attrs["start_from"]} if "start_from" in trial.user_attrs else {})})
         self.run_id = run.info.run_id
         trial.set_user_attr("mlflow_run_id", self.run_id)
 
@@ -543,6 +573,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
         # 0, no correlation. Left NaN, Optuna would fail the trial and TPE would not learn to avoid it.
         return 0.0 if setup.metric == "Corr" and math.isnan(value) else value
 
+    reference = "start_from" in trial.user_attrs  # a start point runs to the end: it is what the search must beat
     results = []
     for i, seed in enumerate(setup.seeds):
         best: float | None = None
@@ -559,7 +590,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
                 best = value
             last.update(step=step, value=best)
             trial.report(best, step)
-            return trial.should_prune()
+            return not reference and trial.should_prune()
 
         with warnings.catch_warnings():  # the undefined Corr above is expected, and handled
             warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
@@ -580,6 +611,8 @@ def _end(run: TrialRun | None, stream: TextIO | None, trial: optuna.Trial, state
             print(f"trial {trial.number}: could not record the MLflow run: {e}", file=sys.stderr)
     if stream is not None:
         shown = f"val {setup.metric} {value:.4f}" if value is not None and math.isfinite(value) else ""
+        if not note and "start_from" in trial.user_attrs:
+            note = f"= {trial.user_attrs['start_from']}"
         print(f"trial {trial.number:>4}  {state.name:<8} {shown:<18} {(note or '')[:120]:<22} "
               f"{time.monotonic() - start:6.1f} s", file=stream, flush=True)
 
@@ -686,6 +719,8 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
     target = trials or (spec.quick_trials if quick else spec.trials)
     study = _open_study(spec, storage, name, setup, data)
     n_before = len(study.trials)
+    for start, values in spec.start_from:  # once per study: a trial with these values is never queued again
+        study.enqueue_trial(values, user_attrs={"start_from": start}, skip_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # so the count below and the report are honest

@@ -40,13 +40,13 @@ space:
 
 
 def _tune_spec(tmp: Path, pruner: str = "{type: median}", space: str = SPACE, name: str = "tune.yaml",
-               grace: int = 180) -> Path:
+               grace: int = 180, extra: str = "") -> Path:
     (tmp / "ablations.yaml").write_text(ABLATIONS)
     path = tmp / name
     path.write_text(f"study: unit\nablations: ablations.yaml\nbase: improved\nseeds: [7]\ntrials: 3\n"
                     f"sampler: {{seed: 1, n_startup_trials: 10}}\npruner: {pruner}\n"
                     f"storage: {{heartbeat_interval: 1, grace_period: {grace}, max_retry: 1}}\n"
-                    f"compare_with: [baseline, improved]\nquick: {{trials: 2}}\n{space}")
+                    f"compare_with: [baseline, improved]\nquick: {{trials: 2}}\n{extra}{space}")
     return path
 
 
@@ -239,6 +239,41 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path, store):
     dead_run = client.get_run(run.info.run_id)           # the dead worker's run is not left RUNNING either
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["optuna_state"] == "FAIL"
     assert "worker died" in dead_run.data.tags["error"]
+
+
+def test_a_study_starts_from_the_named_ablations_once(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [improved, baseline]\n"))
+    improved, baseline = dict(spec.start_from)["improved"], dict(spec.start_from)["baseline"]
+    assert improved == {"model.hidden": 16, "model.heads": 2, "model.dropout": 0.1, "train.loss": "huber",
+                        "train.huber_delta": 1.0, "train.lr": 1.0e-3}
+    assert baseline["train.loss"] == "mse" and "train.huber_delta" not in baseline   # `when` is honoured
+    tune.run_study(spec, quick=True, trials=2)
+    tune.run_study(spec, quick=True, trials=3)          # continuing does not queue them again
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.user_attrs.get("start_from") for t in study.trials] == ["improved", "baseline", None]
+    assert study.trials[0].params == improved and study.trials[1].params == baseline
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    _, runs, _ = _tune_runs(MlflowClient(store))
+    assert sorted(r.data.tags.get("start_from", "-") for r in runs) == ["-", "baseline", "improved"]
+
+
+def test_start_points_are_never_pruned(tmp_path, store):
+    # Corr never reaches 1.5, so this pruner stops every other trial at its first report.
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: threshold, lower: 1.5}",
+                                          extra="start_from: [baseline]\n"))
+    session = tune.run_study(spec, quick=True, trials=2)
+    assert [t.state for t in session.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+
+
+def test_a_start_point_the_space_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"start_from 'baseline': its train.loss is 'mse', which is not among"):
+        tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [baseline]\n",
+                                       space=SPACE.replace("[huber, mse]", "[huber]")))
+    with pytest.raises(SpecError, match=r"'start_from' must list ablations"):
+        tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [baseline, nope]\n"))
+    clipped = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [baseline]\n",
+                                             space=SPACE.replace("[1.0e-3, 1.0e-2]", "[2.0e-3, 1.0e-2]")))
+    assert dict(clipped.start_from)["baseline"]["train.lr"] == 2.0e-3   # 1e-3 clipped into the range
 
 
 def test_spec_mistakes_name_the_key(tmp_path):
