@@ -55,7 +55,7 @@ class SuiteProgress:
         if key in self.finished or key not in self.plan:  # late, or not ours: already off the totals
             return
         self.done_epochs += 1
-        self.done_cost += self._epoch_cost(key)
+        self.done_cost += self.plan[key][1]
         self.seen[key] = self.seen.get(key, 0) + 1
         self.bar.update(1)
         corr = event.get("val_Corr")
@@ -63,17 +63,15 @@ class SuiteProgress:
         self.bar.set_postfix_str(f"{event['ablation']}/seed-{event['seed']} epoch {event['epoch']}/"
                                  f"{event['epochs']} val Corr {corr_txt}")
 
-    def _epoch_cost(self, key: tuple[str, int]) -> float:
-        return self.plan[key][1]
-
     def on_done(self, outcome: RunOutcome) -> None:
         self.done_runs += 1
         key = (outcome.ablation, outcome.seed)
         self.finished.add(key)
-        missing = self.plan[key][0] - self.seen.get(key, 0)
+        epochs, cost = self.plan[key]
+        missing = epochs - self.seen.get(key, 0)
         if missing > 0:  # early stop or failure: those epochs will never come; take them off
             self.total_epochs -= missing
-            self.total_cost -= missing * self._epoch_cost(key)
+            self.total_cost -= missing * cost
             self.bar.total = self.total_epochs
             self.bar.refresh()
         name = f"{outcome.ablation}/seed-{outcome.seed}"

@@ -100,7 +100,8 @@ def parse_spec(raw: Any, path: str) -> Spec:
     overrides = {str(n): dict(o or {}) for n, o in ablations.items()}
     resolved = {n: _resolve(path, n, base, o) for n, o in overrides.items()}
     return Spec(path=path, experiment=str(raw["experiment"]), data=str(raw.get("data", "synthetic")),
-                seeds=tuple(dict.fromkeys(seeds)), base=dict(base), ablations=resolved, overrides=overrides, quick=dict(quick))
+                seeds=tuple(dict.fromkeys(seeds)), base=dict(base), ablations=resolved, overrides=overrides,
+                quick=dict(quick))
 
 
 def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[str, Any]) -> RunConfig:
