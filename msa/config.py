@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from msa.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+
 MODALITIES: tuple[str, ...] = ("vision", "text", "audio")  # the lab's order: model(vision, text, audio)
 
 
@@ -42,6 +44,16 @@ def _one_of(*options):
     return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
 
 
+def _registered(kind: str):
+    """A name in msa.models' registry of `kind` ('encoder' or 'fusion'). The registry is read when a
+    config is validated, not when this module loads: msa.models builds on this module, and a
+    component registered later (by a plug-in or a test) is a valid choice from then on."""
+    def names() -> list[str]:
+        from msa import models
+        return list(models.registry(kind))
+    return (lambda v: v in names()), (lambda: "one of " + ", ".join(repr(n) for n in names()))
+
+
 def _bool():
     return (lambda v: isinstance(v, bool)), "a bool"
 
@@ -56,6 +68,7 @@ def _validate(obj: Any) -> None:
     for key, (pred, desc) in obj._CONSTRAINTS.items():
         value = getattr(obj, key)
         if not pred(value):
+            desc = desc() if callable(desc) else desc
             raise ConfigError(f"The '{key}' parameter of {name} must be {desc}. Got {value!r} instead.")
 
 
@@ -91,7 +104,7 @@ class ModelConfig:
                         and all(m in MODALITIES for m in v)),
                        f"a non-empty list of distinct names from {list(MODALITIES)}"),
         "input_layernorm": _bool(),
-        "encoder": _one_of("lstm", "transformer"),
+        "encoder": _registered("encoder"),
         "hidden": _int_range(1),
         "encoder_layers": _int_range(1),
         "heads": _int_range(1),
@@ -99,7 +112,7 @@ class ModelConfig:
         "dropout": _float_range(0.0, 1.0, hi_open=True),
         "pooling": _one_of("last", "mean"),
         "mask_padding": _bool(),
-        "fusion": _one_of("sum_lstm", "sum_transformer", "self_attention", "query_attention"),
+        "fusion": _registered("fusion"),
     }
 
     def __post_init__(self):
@@ -109,9 +122,10 @@ class ModelConfig:
             mods = tuple(m for m in MODALITIES if m in mods)
         object.__setattr__(self, "modalities", tuple(mods) if isinstance(mods, list) else mods)
         _validate(self)
-        if self.hidden % self.heads and (self.encoder == "transformer" or "attention" in self.fusion):
-            raise ConfigError(f"The 'hidden' parameter of ModelConfig must be divisible by 'heads' "
-                              f"({self.heads}) for attention. Got {self.hidden} instead.")
+        from msa.models import constraint_errors  # each component declares its own constraints
+        errors = constraint_errors(self)
+        if errors:
+            raise ConfigError(errors[0])
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "ModelConfig":
@@ -144,8 +158,7 @@ class TrainConfig:
         "scheduler": _one_of("cosine", "none"),
         "grad_clip": _optional(_float_range(0.0, math.inf, lo_open=True)),
         "patience": _optional(_int_range(1)),
-        "select_metric": _one_of("Corr", "MAE", "Has0_acc_2", "Has0_F1_score", "Non0_acc_2",
-                                 "Non0_F1_score", "Mult_acc_3", "Mult_acc_5", "Mult_acc_7", "val_loss"),
+        "select_metric": _one_of(*METRIC_NAMES, "val_loss"),
         "eval_batch_size": _int_range(1),
     }
 
@@ -153,9 +166,19 @@ class TrainConfig:
         _validate(self)
 
     @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger selection metric is better (the loss and MAE are minimised)."""
+        return HIGHER_IS_BETTER.get(self.select_metric, False)
+
+    @property
     def select_mode(self) -> str:
         """'max' when a larger selection metric is better, else 'min'."""
-        return "min" if self.select_metric in ("MAE", "val_loss") else "max"
+        return "max" if self.higher_is_better else "min"
+
+    @property
+    def select_key(self) -> str:
+        """The selection metric's key in the trainer's per-epoch metrics (`val_Corr`, `val_loss`, ...)."""
+        return self.select_metric if self.select_metric == "val_loss" else f"val_{self.select_metric}"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "TrainConfig":

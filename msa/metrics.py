@@ -10,8 +10,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import math
+
 import numpy as np
-from sklearn.metrics import f1_score
 
 METRIC_NAMES: tuple[str, ...] = (
     "Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score",
@@ -19,6 +20,21 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 # Direction of improvement, used by model selection and by every comparison table.
 HIGHER_IS_BETTER: dict[str, bool] = {name: name != "MAE" for name in METRIC_NAMES}
+
+
+def is_better(value: float, best: float | None, *, higher: bool) -> bool:
+    """Whether `value` replaces `best` (None: nothing yet) as the best so far: the one rule for
+    checkpoint selection, pruning reports and search results.
+
+    NaN never wins over a number, but a first value is kept even when NaN, so that a best always
+    exists; ties keep the earlier value."""
+    if best is None:
+        return True
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value > best if higher else value < best
 
 
 def _flat(x: Any) -> np.ndarray:
@@ -46,6 +62,8 @@ def eval_mosi_regression(y_pred: Any, y_true: Any) -> dict[str, float]:
 
     Accepts numpy arrays or torch tensors of shape (N,) or (N, 1).
     """
+    from sklearn.metrics import f1_score  # here, not at import: the CLI's start-up does not need it
+
     p, t = _flat(y_pred), _flat(y_true)
     assert p.shape == t.shape, f"predictions {p.shape} and labels {t.shape} differ in size"
     assert p.size > 0, "no predictions to evaluate"

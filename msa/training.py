@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from msa.config import RunConfig, TrainConfig
 from msa.data import MOSIData, Split
-from msa.metrics import METRIC_NAMES, eval_mosi_regression
+from msa.metrics import METRIC_NAMES, eval_mosi_regression, is_better
 from msa.models import build_model, count_parameters
 
 Callback = Callable[[int, dict[str, float]], "bool | None"]
@@ -118,6 +118,7 @@ class FitResult:
     history: list[dict[str, float]]        # one dict per epoch: 'epoch' plus what the callback got
     best_epoch: int                        # 1-based epoch whose state was kept
     best_state: dict[str, torch.Tensor]    # that epoch's state_dict, copied to CPU
+    best_value: float                      # the selection metric (train.select_key) at best_epoch
     val_metrics: dict[str, float]          # eval_mosi_regression on valid at best_epoch, plus 'loss'
     val_pred: np.ndarray                   # (N_valid,) predictions of the best state
     test_metrics: dict[str, float] | None  # the same on test, computed once at the end; None if not asked
@@ -126,18 +127,6 @@ class FitResult:
     stopped_early: bool                    # ended before `epochs` (patience or the callback)
     stop_reason: str | None                # 'patience', 'callback', or None when all epochs ran
     model: nn.Module                       # the model, with best_state loaded, on the training device
-
-
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    # NaN never wins; a first epoch is kept even when NaN so that a best state always exists;
-    # ties keep the earlier epoch.
-    if best is None:
-        return True
-    if math.isnan(value):
-        return False
-    if math.isnan(best):
-        return True
-    return value > best if mode == "max" else value < best
 
 
 def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback | None = None,
@@ -206,8 +195,8 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
                        "lr": lr, "epoch_seconds": time.perf_counter() - t0}
             history.append({"epoch": epoch, **metrics})
 
-            value = metrics["val_loss" if tcfg.select_metric == "val_loss" else f"val_{tcfg.select_metric}"]
-            if _is_better(value, best_value, tcfg.select_mode):
+            value = metrics[tcfg.select_key]
+            if is_better(value, best_value, higher=tcfg.higher_is_better):
                 best_value, best_epoch = value, epoch
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 best_val_pred = val_pred
@@ -229,7 +218,7 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
             test_loss = criterion(torch.from_numpy(test_pred), test.labels).item()
             test_metrics = eval_mosi_regression(test_pred, test.labels.numpy()) | {"loss": test_loss}
 
-    return FitResult(history=history, best_epoch=best_epoch, best_state=best_state,
+    return FitResult(history=history, best_epoch=best_epoch, best_state=best_state, best_value=best_value,
                      val_metrics=val_metrics, val_pred=best_val_pred, test_metrics=test_metrics,
                      test_pred=test_pred, n_params=count_parameters(model),
                      stopped_early=stop_reason is not None, stop_reason=stop_reason, model=model)

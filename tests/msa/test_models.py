@@ -239,9 +239,16 @@ def test_registries_hold_exactly_the_names_the_config_allows():
     fusion_check, _ = ModelConfig._CONSTRAINTS["fusion"]
     encoder_check, _ = ModelConfig._CONSTRAINTS["encoder"]
     assert all(fusion_check(name) for name in FUSIONS) and not fusion_check("concat")
-    assert all(encoder_check(name) for name in ENCODERS)
-    assert set(FUSIONS) == {"sum_lstm", "sum_transformer", "self_attention", "query_attention"}
-    assert set(ENCODERS) == {"lstm", "transformer"}
+    assert all(encoder_check(name) for name in ENCODERS) and not encoder_check("gru")
+    assert {"sum_lstm", "sum_transformer", "self_attention", "query_attention"} <= set(FUSIONS)
+    assert {"lstm", "transformer"} <= set(ENCODERS)
+
+
+def test_a_registered_component_declares_its_own_constraints():
+    # sum_transformer's attention needs hidden % heads == 0 as much as the attention fusions do
+    with pytest.raises(ConfigError, match="'hidden' parameter of ModelConfig must be divisible by 'heads'"):
+        ModelConfig(fusion="sum_transformer", hidden=10, heads=4)
+    ModelConfig(fusion="sum_lstm", hidden=10, heads=4)  # no attention anywhere: any heads will do
 
 
 def test_config_validation_messages():
@@ -363,4 +370,9 @@ def test_tensorboard_add_graph_works_for_the_transformer_variant(tmp_path):
             writer.add_graph(model, tuple(front_padded(batch=2, steps=6)))
     finally:
         writer.close()
-    assert any(tmp_path.iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Tags()["graph"]
+    ops = {node.op for node in events.Graph().node}
+    assert any("linear" in op.lower() for op in ops), sorted(ops)[:20]

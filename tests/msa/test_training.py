@@ -110,10 +110,19 @@ def test_same_seed_gives_bit_identical_results(tiny_data, model):
 
 
 def test_fit_leaves_threads_and_determinism_settings_as_it_found_them(tiny_data):
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False)
-    assert torch.get_num_threads() == threads
-    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)  # conftest runs tests on one thread: start from another count than fit's
+    torch.use_deterministic_algorithms(False)
+    try:
+        seen = []
+        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False,
+            callback=lambda epoch, m: seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())))
+        assert seen[0] == (1, True)  # fit did change them while it ran
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def test_init_state_is_where_training_starts(tiny_data):
