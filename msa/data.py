@@ -2,6 +2,16 @@
 
 Pickle files can run code when loaded, so they are read with a restricted unpickler that builds only
 numpy arrays, numpy dtypes/scalars and plain containers; anything else is refused before it runs.
+
+What a file must hold, checked at load so that a bad file fails here, in one line, and never in training:
+- features (N, T, D) with N, T, D >= 1, and labels (N,), (N, 1) or (N, 1, 1), as float or int arrays
+  (ints are converted to float32, as float64 and float16 are); bool, complex, string and object arrays
+  are refused;
+- labels finite and in the annotators' range [-3, 3];
+- feature values finite (NaN and +-inf are set to 0 and counted, as every known loader does), or at
+  most MAX_ABS_FEATURE in size: larger ones are refused, since their float32 squares (LayerNorm's
+  variance, Adam's moments) overflow and a run would silently zero the modality or train to NaN;
+- ids (optional) strings, byte strings (decoded) or integers (written as decimals), one row per sample.
 """
 
 from __future__ import annotations
@@ -10,9 +20,11 @@ import hashlib
 import io
 import os
 import pickle
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +33,18 @@ from msa.config import MODALITIES
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 LABEL_KEYS: tuple[str, ...] = ("labels", "regression_labels")  # MultiBench/MulT, MMSA
+LABEL_RANGE: tuple[float, float] = (-3.0, 3.0)  # MOSI's annotators score from -3 to 3
+_LABEL_SLACK = 1e-3                              # rounding in a file's float labels, not a wrong scale
+MAX_ABS_FEATURE = 1e18                           # float32 squares overflow past ~1.8e19
 
 
 class DataError(ValueError):
-    """A data file a user brought is not what it must be; the message names the file, split and key."""
+    """A data file a user brought is not what it must be; the message names the file, split and key.
+
+    The message is always one line: the CLI prints it as is."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 # --- containers -------------------------------------------------------------------------------------
@@ -142,11 +162,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def safe_load_pickle(path: str | os.PathLike) -> Any:
     """Unpickle a data file, allowing only numpy arrays, dtypes and plain containers."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file")
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     if not raw:
         raise DataError(f"{path}: the file is empty, expected a pickle")
     try:
@@ -156,10 +172,33 @@ def safe_load_pickle(path: str | os.PathLike) -> Any:
         if msg.startswith("refused"):
             raise DataError(f"{path}: {msg}") from None
         raise DataError(f"{path}: not a readable pickle, or truncated ({msg})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
-            UnicodeDecodeError, ImportError, OverflowError) as e:
+    except Exception as e:
         raise DataError(f"{path}: not a readable pickle, or truncated "
                         f"({type(e).__name__}: {e or 'unexpected end of file'})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # e.g. an embedded null byte
+        raise DataError(f"{path!r}: not a usable path ({e})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: not a file but a directory (expected a pickle file)")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a file (expected a pickle file, found a device, pipe or socket)")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied; the file must be readable by this user)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except MemoryError:
+        raise DataError(f"{path}: too large to read into memory ({os.path.getsize(path)} bytes)") from None
 
 
 def load(path: str | os.PathLike) -> MOSIData:
@@ -199,38 +238,19 @@ def _read_split(d: Any, name: str, source: str) -> tuple[Split, dict[str, int], 
     if label_key is None:
         raise DataError(f"{where} has no key 'labels' or 'regression_labels' (expected the sentiment scores)")
 
-    labels = _as_array(d[label_key], where, label_key)
-    n = labels.shape[0] if labels.ndim else 0
-    if labels.ndim == 0 or labels.size != n:
-        raise DataError(f"{where}: '{label_key}' must have shape (N,), (N, 1) or (N, 1, 1), got {labels.shape}")
+    labels = _scores(d[label_key], where, label_key)
+    n = labels.shape[0]
     if n == 0:
         raise DataError(f"{where} is empty (0 samples)")
-    labels = labels.reshape(n).astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(labels))
-    if bad.size:
-        raise DataError(f"{where}: '{label_key}' has a non-finite value at index {int(bad[0])} "
-                        f"({bad.size} in all); labels must be numbers")
 
     features, counts = {}, {}
     for m in MODALITIES:
-        arr = _as_array(d[m], where, m)
-        if arr.ndim != 3:
-            raise DataError(f"{where}: '{m}' must be 3-D (samples, steps, features), got shape {arr.shape}")
-        if arr.shape[0] != n:
-            raise DataError(f"{where}: '{m}' has {arr.shape[0]} samples but '{label_key}' has {n}")
-        if arr.shape[2] == 0:
-            raise DataError(f"{where}: '{m}' has 0 features per step")
-        arr = np.array(arr, dtype=np.float32, order="C", copy=True)
-        nonfinite = ~np.isfinite(arr)
-        counts[m] = int(nonfinite.sum())
-        if counts[m]:
-            arr[nonfinite] = 0.0
-        features[m] = torch.from_numpy(arr)
+        features[m], counts[m] = _features(d[m], where, m, n, label_key)
 
     ids = _read_ids(d.get("id"), n, name, where)
     oracle = None
     if "oracle" in d:
-        o = _as_array(d["oracle"], where, "oracle").reshape(-1).astype(np.float32)
+        o = _scores(d["oracle"], where, "oracle")
         if o.shape[0] != n:
             raise DataError(f"{where}: 'oracle' has {o.shape[0]} values but '{label_key}' has {n}")
         oracle = torch.from_numpy(o)
@@ -239,27 +259,92 @@ def _read_split(d: Any, name: str, source: str) -> tuple[Split, dict[str, int], 
     return Split(name, features, torch.from_numpy(labels), ids, oracle), counts, split_layout
 
 
-def _as_array(value: Any, where: str, key: str) -> np.ndarray:
+def _real_array(value: Any, where: str, key: str) -> np.ndarray:
+    """`value` as a numpy array of real numbers (float or int dtype), or a DataError saying what it is."""
     try:
         arr = np.asarray(value)
-    except Exception as e:  # ragged lists and the like
-        raise DataError(f"{where}: '{key}' is not an array ({e})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise DataError(f"{where}: '{key}' must hold numbers, got dtype {arr.dtype}")
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:  # ragged lists and the like
+        raise DataError(f"{where}: '{key}' is not an array of one shape ({e})") from None
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{where}: '{key}' must hold real numbers (a float or int array), got dtype {arr.dtype}")
     return arr
+
+
+def _scores(value: Any, where: str, key: str) -> np.ndarray:
+    """Sentiment scores (labels or oracle) as (N,) float32: finite and in LABEL_RANGE."""
+    arr = _real_array(value, where, key)
+    if arr.ndim not in (1, 2, 3) or any(k != 1 for k in arr.shape[1:]):
+        raise DataError(f"{where}: '{key}' must have shape (N,), (N, 1) or (N, 1, 1), got {arr.shape}")
+    arr = arr.reshape(arr.shape[0])
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise DataError(f"{where}: '{key}' has a non-finite value at index {int(bad[0])} "
+                        f"({bad.size} in all); labels must be numbers")
+    lo, hi = LABEL_RANGE
+    bad = np.flatnonzero((arr < lo - _LABEL_SLACK) | (arr > hi + _LABEL_SLACK))
+    if bad.size:
+        raise DataError(f"{where}: '{key}' must be sentiment scores in [{lo:g}, {hi:g}], got {float(arr[bad[0]]):g} "
+                        f"at index {int(bad[0])} ({bad.size} outside in all)")
+    return arr.astype(np.float32)
+
+
+def _features(value: Any, where: str, key: str, n: int, label_key: str) -> tuple[torch.Tensor, int]:
+    """(N, T, D) features as a contiguous float32 tensor with non-finite values set to 0, and their count."""
+    arr = _real_array(value, where, key)
+    if arr.ndim != 3:
+        raise DataError(f"{where}: '{key}' must be 3-D (samples, steps, features), got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise DataError(f"{where}: '{key}' has {arr.shape[0]} samples but '{label_key}' has {n}")
+    if arr.shape[1] == 0:
+        raise DataError(f"{where}: '{key}' has sequences of 0 steps, shape {arr.shape} (expected at least 1 step)")
+    if arr.shape[2] == 0:
+        raise DataError(f"{where}: '{key}' has 0 features per step")
+    if _largest(arr.dtype) > MAX_ABS_FEATURE:  # float16 and int32 cannot hold such values
+        huge = ((arr > MAX_ABS_FEATURE) | (arr < -MAX_ABS_FEATURE)) & np.isfinite(arr)
+        if huge.any():
+            at = tuple(int(i) for i in np.argwhere(huge)[0])
+            raise DataError(f"{where}: '{key}' holds {int(huge.sum())} finite values beyond +-{MAX_ABS_FEATURE:g}, "
+                            f"the first {float(arr[at]):g} at {list(at)} (float32 training overflows on them; "
+                            "rescale the features, or set such values to NaN to have them cleaned to 0)")
+    arr = np.array(arr, dtype=np.float32, order="C", copy=True)
+    nonfinite = ~np.isfinite(arr)
+    count = int(nonfinite.sum())
+    if count:
+        arr[nonfinite] = 0.0
+    return torch.from_numpy(arr), count
+
+
+def _largest(dtype: np.dtype) -> float:
+    return float(np.finfo(dtype).max if dtype.kind == "f" else np.iinfo(dtype).max)
 
 
 def _read_ids(value: Any, n: int, name: str, where: str) -> list[str]:
     if value is None:
         return [f"{name}-{i}" for i in range(n)]
-    rows = list(np.asarray(value, dtype=object).reshape(len(value), -1)) if len(value) else []
-    if len(rows) != n:
-        raise DataError(f"{where}: 'id' has {len(rows)} rows but there are {n} samples")
+    try:
+        arr = np.asarray(value, dtype=object)
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise DataError(f"{where}: 'id' is not an array of one shape ({e})") from None
+    if arr.ndim == 0:
+        raise DataError(f"{where}: 'id' must have one row per sample, got a single {type(value).__name__}")
+    if arr.shape[0] != n:
+        raise DataError(f"{where}: 'id' has {arr.shape[0]} rows but there are {n} samples")
+    rows = arr.reshape(n, -1)
+    for i, row in enumerate(rows):
+        for x in row:
+            if not isinstance(x, (str, bytes, int, np.integer)) or isinstance(x, bool):
+                raise DataError(f"{where}: 'id' rows must hold strings, byte strings or integers, got "
+                                f"{type(x).__name__} {_short(x)} in row {i}")
     return ["$_$".join(_text(x) for x in row) for row in rows]
 
 
 def _text(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+
+def _short(x: Any, width: int = 40) -> str:
+    text = " ".join(repr(x).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _check_dims_agree(splits: Mapping[str, Split], source: str) -> None:

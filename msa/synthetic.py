@@ -23,7 +23,12 @@ Every number here is SYNTHETIC; nothing made from it is a MOSI result.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import pickle
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +37,10 @@ import numpy as np
 from scipy.special import ndtr
 
 from msa.config import stable_hash
-from msa.data import SPLITS, MOSIData, from_raw, load
+from msa.data import SPLITS, DataError, MOSIData, from_raw, load
 
 MOSI_SIZES = (1284, 229, 686)
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,27 +94,63 @@ class SyntheticSpec:
 
 
 def make_synthetic(spec: SyntheticSpec | None = None, *, cache_dir: str | Path | None = None,
-                   **overrides: Any) -> MOSIData:
-    """Generate (or read from `cache_dir`) the synthetic data set, validated and cleaned like a real file."""
+                   on_cache_error: Callable[[str], None] | None = None, **overrides: Any) -> MOSIData:
+    """Generate (or read from `cache_dir`) the synthetic data set, validated and cleaned like a real file.
+
+    The cache only saves time: a cache that cannot be read or written is reported through
+    `on_cache_error` (one line; default: a logging warning) and the data is generated in memory.
+    Several processes may fill one cache at once: each writes its own temporary file and renames it
+    into place, so a reader sees either no file or a whole one."""
     if spec is None:
         spec = SyntheticSpec(**overrides)
     elif overrides:
         raise TypeError("pass either a SyntheticSpec or keyword overrides, not both")
     source = f"synthetic(seed={spec.seed}, sizes={'/'.join(map(str, spec.sizes))})"
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"synthetic-{spec.key()}.pkl"
-        if path.is_file():
-            data = load(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            raw = generate_raw(spec)
-            tmp = path.with_suffix(".tmp")
-            write_pickle(raw, tmp)
-            tmp.replace(path)  # atomic: parallel workers never read half a file
-            data = from_raw(raw, source=source, synthetic=True)
-        data.source, data.synthetic, data.layout = source, True, "synthetic"
-        return data
-    return from_raw(generate_raw(spec), source=source, synthetic=True)
+    if cache_dir is None:
+        return from_raw(generate_raw(spec), source=source, synthetic=True)
+    warn = on_cache_error or _log.warning
+    path = Path(cache_dir) / f"synthetic-{spec.key()}.pkl"
+    data = _read_cache(path, warn)
+    if data is None:
+        raw = generate_raw(spec)
+        data = from_raw(raw, source=source, synthetic=True)
+        try:
+            _write_atomically(raw, path)
+        except OSError as e:
+            warn(f"cannot write the synthetic data cache in {path.parent} ({_reason(path.parent, e)}); "
+                 "generated the data in memory instead")
+    data.source, data.synthetic, data.layout = source, True, "synthetic"
+    return data
+
+
+def _read_cache(path: Path, warn: Callable[[str], None]) -> MOSIData | None:
+    try:
+        if not path.is_file():
+            return None
+    except OSError:  # an unreadable cache directory: as good as empty
+        return None
+    try:
+        return load(path)
+    except DataError as e:  # a damaged or unreadable cache file is made again, never a failed run
+        warn(f"ignored the cached synthetic data: {e}; generated it again")
+        return None
+
+
+def _write_atomically(raw: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # one per writer: writers never share it
+    try:
+        write_pickle(raw, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _reason(directory: Path, error: OSError) -> str:
+    if os.path.exists(directory) and not os.path.isdir(directory):  # os.path: never raises
+        return "it is a file, not a directory"
+    return error.strerror or str(error)
 
 
 def write_pickle(raw: dict[str, dict[str, np.ndarray]], path: str | Path) -> None:
@@ -166,7 +208,7 @@ def generate_raw(spec: SyntheticSpec) -> dict[str, dict[str, np.ndarray]]:
 
 
 # Word ids: 0-9 negators, 10-19 intensifiers, then sentiment words, then neutral words.
-_NEGATORS, _INTENSIFIERS, _FIRST_POLAR = range(0, 10), range(10, 20), 20
+_NEGATORS, _INTENSIFIERS, _FIRST_POLAR = range(10), range(10, 20), 20
 
 
 def _vocabulary(rng, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

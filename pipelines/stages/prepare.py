@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from msa.data import MOSIData, load
+from msa.data import DataError, MOSIData, load
 from msa.synthetic import SyntheticSpec, make_synthetic
 
 SYNTHETIC = "synthetic"
+CACHE_ENV = "MSA_CACHE"
 # --quick: MOSI's dims and sequence length, a tenth of its samples.
 QUICK_SIZES = (160, 64, 96)
 
 
 def cache_dir() -> Path:
     """Where generated synthetic data is kept between runs ($MSA_CACHE, else ~/.cache/msa)."""
-    return Path(os.environ.get("MSA_CACHE") or Path.home() / ".cache" / "msa")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "msa")
 
 
 def prepare(source: str = SYNTHETIC, *, quick: bool = False, seed: int = 0) -> MOSIData:
     """Load `source`: `synthetic` (the embedded default; small with `quick`) or a MOSI pickle path."""
     if source == SYNTHETIC:
         spec = SyntheticSpec(sizes=QUICK_SIZES, seed=seed) if quick else SyntheticSpec(seed=seed)
-        return make_synthetic(spec, cache_dir=cache_dir())
+        return make_synthetic(spec, cache_dir=cache_dir(), on_cache_error=_warn_cache)
+    if not str(source).strip():
+        raise DataError(f"the data source is empty (expected a MOSI pickle path or '{SYNTHETIC}')")
     return load(source)
+
+
+def _warn_cache(message: str) -> None:
+    # The cache only saves time, so a broken one is a warning, not an error; say how to move it.
+    print(f"warning: {message} (set {CACHE_ENV} to a writable directory to keep it between runs)",
+          file=sys.stderr)

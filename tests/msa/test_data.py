@@ -1,5 +1,6 @@
 """Reading every MOSI layout users bring, exactly and safely, and refusing bad files clearly."""
 
+import os
 import pickle
 
 import numpy as np
@@ -57,7 +58,8 @@ def test_multibench_layout_reads_dims_labels_ids_and_cleans_inf(tmp_path):
 
 def test_mult_layout_with_byte_ids_and_small_dims(tmp_path):
     rng = np.random.default_rng(1)
-    raw = {s: _split(rng, 4, dims=(20, 300, 5), ids=np.array([[b"abc", b"3"]] * 4)) for s in ("train", "valid", "test")}
+    ids = np.array([[b"abc", b"3"]] * 4)
+    raw = {s: _split(rng, 4, dims=(20, 300, 5), ids=ids) for s in ("train", "valid", "test")}
     data = load(_write(tmp_path, raw))
     assert data.layout == "mult"
     assert data.dims == {"vision": 20, "text": 300, "audio": 5}
@@ -134,28 +136,135 @@ def _bad(tmp_path, mutate):
     return _write(tmp_path, raw)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.pop("valid"), r"missing split 'valid'"),
-    (lambda r: r["test"].pop("audio"), r"split 'test' has no key 'audio'"),
-    (lambda r: r["train"].pop("labels"), r"split 'train' has no key 'labels' or 'regression_labels'"),
-    (lambda r: r["train"].update(text=r["train"]["text"][:3]), r"'text' has 3 samples but 'labels' has 4"),
-    (lambda r: r["valid"].update(vision=r["valid"]["vision"][:, 0]), r"'vision' must be 3-D .* got shape \(4, 35\)"),
-    (lambda r: r.update(test={k: v[:0] for k, v in r["test"].items()}), r"split 'test' is empty"),
-    (lambda r: r["valid"]["labels"].__setitem__((2, 0, 0), np.nan), r"split 'valid': 'labels' has a non-finite value at index 2"),
-    (lambda r: r["test"].update(audio=r["test"]["audio"][..., :5]), r"'audio' has 5 features per step in split 'test' but 74"),
-    (lambda r: r["train"].update(text=np.array(["a"] * 4)), r"'text' must hold numbers"),
-])
+def _set(split, key, value):
+    return lambda r: r[split].update({key: value(r[split]) if callable(value) else value})
+
+
+def _mmsa_labels(split, value):
+    def mutate(raw):
+        del raw[split]["labels"]
+        raw[split]["regression_labels"] = value
+    return mutate
+
+
+def _all_splits(key, value):
+    return lambda r: [r[s].update({key: value(r[s])}) for s in r]
+
+
+# What is wrong with the file, and the words the one-line message must hold (a regex).
+BAD_FILES = [
+    ("a split is missing", lambda r: r.pop("valid"), r"missing split 'valid'"),
+    ("a split is not a dict", lambda r: r.update(train=[1, 2]), r"split 'train' is a list, expected a dict of arrays"),
+    ("a modality is missing", lambda r: r["test"].pop("audio"), r"split 'test' has no key 'audio'"),
+    ("no labels", lambda r: r["train"].pop("labels"), r"split 'train' has no key 'labels' or 'regression_labels'"),
+    ("sample counts differ", _set("train", "text", lambda d: d["text"][:3]),
+     r"'text' has 3 samples but 'labels' has 4"),
+    ("features are 2-D", _set("valid", "vision", lambda d: d["vision"][:, 0]),
+     r"'vision' must be 3-D .* got shape \(4, 35\)"),
+    ("features are 4-D", _set("valid", "text", lambda d: d["text"][..., None]),
+     r"'text' must be 3-D .* got shape \(4, 6, 300, 1\)"),
+    ("sequences of length 0", _all_splits("audio", lambda d: d["audio"][:, :0]),
+     r"split 'train': 'audio' has sequences of 0 steps, shape \(4, 0, 74\) \(expected at least 1 step\)"),
+    ("0 features per step", _all_splits("vision", lambda d: d["vision"][..., :0]), r"'vision' has 0 features per step"),
+    ("a split is empty", lambda r: r.update(test={k: v[:0] for k, v in r["test"].items()}), r"split 'test' is empty"),
+    ("feature dims differ across splits", _set("test", "audio", lambda d: d["audio"][..., :5]),
+     r"'audio' has 5 features per step in split 'test' but 74"),
+    ("string features", _set("train", "text", np.array(["a"] * 4)),
+     r"split 'train': 'text' must hold real numbers \(a float or int array\), got dtype <U1"),
+    ("complex features", _set("train", "audio", lambda d: d["audio"].astype(np.complex64)),
+     r"'audio' must hold real numbers .* got dtype complex64"),
+    ("bool features", _set("valid", "vision", lambda d: d["vision"] > 0),
+     r"'vision' must hold real numbers .* got dtype bool"),
+    ("object features", _set("train", "text", [None] * 4), r"'text' must hold real numbers .* got dtype object"),
+    ("datetime features", _set("train", "text", np.zeros((4, 6, 300), "datetime64[s]")),
+     r"'text' must hold real numbers .* got dtype datetime64\[s\]"),
+    ("ragged features", _set("train", "text", [np.zeros((6, 300)), np.zeros((5, 300))] * 2),
+     r"split 'train': 'text' is not an array of one shape \(.*inhomogeneous"),
+    ("huge finite features", _set("valid", "text", lambda d: np.where(d["text"] > 2, np.float32(1e30), d["text"])),
+     r"split 'valid': 'text' holds \d+ finite values beyond \+-1e\+18, the first 1e\+30 at \[.*rescale"),
+    ("float64 features beyond float32", _set("test", "audio", lambda d: d["audio"].astype(np.float64) * 1e300),
+     r"split 'test': 'audio' holds \d+ finite values beyond \+-1e\+18"),
+    ("huge int features", _set("train", "vision", np.full((4, 6, 35), 2 ** 62, dtype=np.int64)),
+     r"'vision' holds 840 finite values beyond"),
+    ("labels of a wrong shape", _set("train", "labels", np.zeros((4, 2))),
+     r"'labels' must have shape \(N,\), \(N, 1\) or \(N, 1, 1\), got \(4, 2\)"),
+    ("labels are one number", _set("train", "labels", np.float32(1)), r"'labels' must have shape .* got \(\)"),
+    ("labels are strings", _set("train", "labels", np.array(["pos"] * 4)),
+     r"'labels' must hold real numbers .* got dtype <U3"),
+    ("labels are bools", _set("train", "labels", np.ones(4, bool)),
+     r"'labels' must hold real numbers .* got dtype bool"),
+    ("labels are missing values", _set("train", "labels", None),
+     r"'labels' must hold real numbers .* got dtype object"),
+    ("a NaN label", lambda r: r["valid"]["labels"].__setitem__((2, 0, 0), np.nan),
+     r"split 'valid': 'labels' has a non-finite value at index 2"),
+    ("an infinite label", lambda r: r["test"]["labels"].__setitem__((1, 0, 0), -np.inf),
+     r"split 'test': 'labels' has a non-finite value at index 1"),
+    ("labels outside [-3, 3]", _set("train", "labels", np.array([0.5, 10.0, -4.0, 1.0])),
+     r"split 'train': 'labels' must be sentiment scores in \[-3, 3\], got 10 at index 1 \(2 outside in all\)"),
+    ("MMSA labels on a percent scale", _mmsa_labels("test", np.full(4, 50.0)),
+     r"split 'test': 'regression_labels' must be sentiment scores in \[-3, 3\], got 50 at index 0 \(4 outside"),
+    ("one id for the whole split", _set("train", "id", "vid0"), r"'id' must have one row per sample, got a single str"),
+    ("an id that is a number", _set("train", "id", 7), r"'id' must have one row per sample, got a single int"),
+    ("too few ids", _set("train", "id", np.array(["a", "b"])), r"'id' has 2 rows but there are 4 samples"),
+    ("missing ids", _set("valid", "id", [None] * 4),
+     r"split 'valid': 'id' rows must hold strings, byte strings or integers, got NoneType None in row 0"),
+    ("float ids", _set("valid", "id", np.array([0.5, 1.5, 2.5, 3.5])),
+     r"'id' rows must hold .* got float 0.5 in row 0"),
+    ("oracle of another length", _set("train", "oracle", np.zeros(3)), r"'oracle' has 3 values but 'labels' has 4"),
+    ("a NaN oracle", _set("train", "oracle", np.array([0, np.nan, 0, 0])),
+     r"'oracle' has a non-finite value at index 1"),
+    ("oracle strings", _set("train", "oracle", np.array(["x"] * 4)), r"'oracle' must hold real numbers"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
 def test_bad_files_get_one_clear_error(tmp_path, mutate, message):
     path = _bad(tmp_path, mutate)
     with pytest.raises(DataError, match=message) as err:
         load(path)
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_no_warning_reaches_the_user_from_bad_or_odd_arrays(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow/complex warnings would print a second stderr line
+        for mutate, _ in [c[1:] for c in BAD_FILES]:
+            with pytest.raises(DataError):
+                load(_bad(tmp_path, mutate))
+        load(_bad(tmp_path, _set("train", "text", lambda d: d["text"].astype(np.float16))))
+
+
+def test_real_numbers_of_any_width_and_int_ids_are_converted(tmp_path):
+    rng = np.random.default_rng(7)
+    raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
+    raw["train"].update(text=np.arange(4 * 6 * 300).reshape(4, 6, 300),            # int64
+                        vision=raw["train"]["vision"].astype(np.float16),
+                        audio=raw["train"]["audio"].astype(np.float64),
+                        labels=np.array([-3, 0, 2, 3]),                                # int labels
+                        id=np.arange(10, 14))                                         # int ids
+    raw["valid"].update(labels=np.array([3.0005, -3.0005, 0.0, 1.0]),                 # float rounding at the ends
+                        id=np.array([["v", 1], ["v", 2], ["w", 1], ["w", 2]], dtype=object))
+    raw["test"]["text"][0, 0, 0] = 1e18                                               # large, but trainable
+    data = load(_write(tmp_path, raw))
+    train = data["train"]
+    assert all(t.dtype == torch.float32 for t in train.features.values())
+    assert train.features["text"][0, 0, 5] == 5 and train.labels.tolist() == [-3, 0, 2, 3]
+    np.testing.assert_array_equal(train.features["vision"].numpy(), raw["train"]["vision"].astype(np.float32))
+    assert train.ids == ["10", "11", "12", "13"]
+    assert data["valid"].ids == ["v$_$1", "v$_$2", "w$_$1", "w$_$2"]
+    assert data["test"].features["text"][0, 0, 0] == np.float32(1e18)
+
+
+def test_a_message_is_always_one_line():
+    assert str(DataError("a\nb\r\nc")) == "a b c"
 
 
 def test_not_a_file_not_a_pickle_and_truncated(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load(tmp_path / "missing.pkl")
-    with pytest.raises(DataError, match="not a file"):
+    with pytest.raises(DataError, match="not a file but a directory"):
         load(tmp_path)
     text = tmp_path / "notes.txt"
     text.write_text("hello, not a pickle")
@@ -169,3 +278,71 @@ def test_not_a_file_not_a_pickle_and_truncated(tmp_path):
         load(cut)
     with pytest.raises(DataError, match="expected a dict of splits"):
         load(_write(tmp_path, [1, 2, 3], "list.pkl"))
+
+
+def _fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.pkl"
+    path.touch()
+    return path
+
+
+def _inside_a_file(tmp_path):
+    (tmp_path / "data.pkl").write_bytes(b"x")
+    return tmp_path / "data.pkl" / "train.pkl"
+
+
+# Paths a user can give by mistake: each ends in one DataError naming the path.
+BAD_PATHS = [
+    ("missing", lambda p: p / "missing.pkl", r"no such file"),
+    ("under a file", _inside_a_file, r"no such file"),
+    ("a directory", lambda p: p, r"not a file but a directory \(expected a pickle file\)"),
+    ("a named pipe", _fifo, r"not a file \(expected a pickle file, found a device, pipe or socket\)"),
+    ("empty", _empty, r"the file is empty, expected a pickle"),
+]
+
+
+@pytest.mark.parametrize("make, message", [c[1:] for c in BAD_PATHS], ids=[c[0] for c in BAD_PATHS])
+def test_bad_paths_get_one_clear_error(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    import msa.data
+
+    path = _bad(tmp_path, lambda r: None)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(msa.data, "open", denied, raising=False)
+    with pytest.raises(DataError, match=r"cannot be read \(permission denied; the file must be readable") as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(msa.data, "open", broken, raising=False)
+    with pytest.raises(DataError, match=r"cannot be read \(Input/output error\)"):
+        load(path)
+
+
+def test_a_file_without_read_permission_is_named(tmp_path):
+    path = _bad(tmp_path, lambda r: None)
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root (with CAP_DAC_OVERRIDE) reads it anyway
+        pytest.skip("this user reads files without read permission")
+    try:
+        with pytest.raises(DataError, match=r"cannot be read \(permission denied"):
+            load(path)
+    finally:
+        path.chmod(0o644)

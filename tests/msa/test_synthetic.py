@@ -1,6 +1,10 @@
 """The synthetic stand-in: deterministic, MOSI-shaped, labelled synthetic, with MOSI's modality ranking."""
 
+import logging
+import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -131,3 +135,85 @@ def test_negation_makes_order_matter_but_leaves_the_bag_informative():
     bag = np.where(words >= 0, polarity[np.maximum(words, 0)], 0.0).sum(1)
     r = np.corrcoef(in_order, bag)[0, 1]
     assert 0.4 < r < 0.8, r                         # about 1 - 2 x (share negated)
+
+
+def test_two_writers_filling_one_empty_cache_both_succeed(tmp_path, monkeypatch):
+    import msa.synthetic
+
+    expected = make_synthetic(sizes=(12, 6, 6), seq_len=8).digest
+    # Both find the cache empty, both write, then both move their file into place: the race two
+    # `prepare` runs on a fresh machine meet, made certain by waiting for each other at each step.
+    barrier = threading.Barrier(2, timeout=30)
+    generate, write = msa.synthetic.generate_raw, msa.synthetic.write_pickle
+
+    def generate_together(spec):
+        raw = generate(spec)
+        barrier.wait()
+        return raw
+
+    def write_together(raw, path):
+        write(raw, path)
+        barrier.wait()
+
+    monkeypatch.setattr(msa.synthetic, "generate_raw", generate_together)
+    monkeypatch.setattr(msa.synthetic, "write_pickle", write_together)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(make_synthetic, sizes=(12, 6, 6), seq_len=8, cache_dir=tmp_path) for _ in range(2)]
+        digests = {run.result().digest for run in runs}
+    assert digests == {expected}
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("synthetic-*.pkl")).name]  # no temp files left
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_data(tmp_path, caplog):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    messages = []
+    data = make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=not_a_dir, on_cache_error=messages.append)
+    assert data.digest == make_synthetic(sizes=(12, 6, 6), seq_len=8).digest and data.synthetic
+    assert messages == [(f"cannot write the synthetic data cache in {not_a_dir} (it is a file, not a directory); "
+                         "generated the data in memory instead")]
+    with caplog.at_level(logging.WARNING, logger="msa.synthetic"):  # without a callback: a logging warning
+        make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=not_a_dir / "sub")
+    assert [r.getMessage() for r in caplog.records] == [
+        (f"cannot write the synthetic data cache in {not_a_dir / 'sub'} (Not a directory); "
+         "generated the data in memory instead")]
+
+
+def test_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import msa.synthetic
+
+    def full(raw, path):
+        open(path, "wb").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(msa.synthetic, "write_pickle", full)
+    messages = []
+    make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=tmp_path, on_cache_error=messages.append)
+    assert messages == [(f"cannot write the synthetic data cache in {tmp_path} (No space left on device); "
+                         "generated the data in memory instead")]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_cache_directory_still_gives_the_data(tmp_path):
+    tmp_path.chmod(0o500)
+    if os.access(tmp_path, os.W_OK):  # root (with CAP_DAC_OVERRIDE) writes there anyway
+        tmp_path.chmod(0o700)
+        pytest.skip("this user writes into read-only directories")
+    try:
+        messages = []
+        make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=tmp_path, on_cache_error=messages.append)
+        assert len(messages) == 1 and "(Permission denied)" in messages[0]
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_a_damaged_cache_file_is_made_again(tmp_path):
+    first = make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=tmp_path)
+    cached = next(tmp_path.glob("synthetic-*.pkl"))
+    cached.write_bytes(cached.read_bytes()[:100])
+    messages = []
+    again = make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=tmp_path, on_cache_error=messages.append)
+    assert again.digest == first.digest
+    assert len(messages) == 1 and messages[0].startswith(f"ignored the cached synthetic data: {cached}: not a readable")
+    assert make_synthetic(sizes=(12, 6, 6), seq_len=8, cache_dir=tmp_path, on_cache_error=messages.append).digest \
+        == first.digest and len(messages) == 1                  # rewritten whole
