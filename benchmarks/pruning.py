@@ -22,9 +22,9 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import tune  # noqa: E402
-from pipelines.stages.prepare import prepare  # noqa: E402
-from pipelines.suite import resolve_spec  # noqa: E402
+from pipelines import tune
+from pipelines.stages.prepare import prepare
+from pipelines.suite import resolve_spec
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare("synthetic", quick=True)
     seed = int(spec.sampler.get("seed", 0))
     arms = {
-        "on": optuna.create_study(direction=spec.direction, sampler=tune.make_sampler(spec, seed),
+        "on": optuna.create_study(direction=spec.direction, sampler=tune.make_sampler(spec.sampler, seed),
                                   pruner=tune.make_pruner(spec.pruner, setup.steps)),
-        "off": optuna.create_study(direction=spec.direction, sampler=tune.make_sampler(spec, seed),
+        "off": optuna.create_study(direction=spec.direction, sampler=tune.make_sampler(spec.sampler, seed),
                                    pruner=optuna.pruners.NopPruner()),
     }
     used = dict.fromkeys(arms, 0.0)

@@ -34,12 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msa.config import RunConfig, TrainConfig  # noqa: E402
-from msa.data import from_raw  # noqa: E402
-from msa.metrics import eval_mosi_regression  # noqa: E402
-from msa.synthetic import SyntheticSpec, generate_raw  # noqa: E402
-from msa.training import fit  # noqa: E402
-
+from msa.config import RunConfig, TrainConfig
+from msa.data import from_raw
+from msa.metrics import eval_mosi_regression
+from msa.synthetic import SyntheticSpec, generate_raw
+from msa.training import fit
 
 # --- the lab's code, copied from the seed; only I/O changed (arrays instead of a pickle, no prints) --
 

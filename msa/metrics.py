@@ -7,10 +7,9 @@ Weighted F1 is not symmetric in its arguments: truth goes first (MulT's own code
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
-
-import math
 
 import numpy as np
 

@@ -1,8 +1,11 @@
-"""Runs independent `RunTask`s on local worker processes, splitting the cores between them.
+"""The one worker pool: runs independent jobs on local worker processes and streams their events back.
 
-Workers log straight to the tracking store (SQLite waits on its lock; a server needs nothing),
-so the same task could be run by any engine that can call `stages.train.execute` elsewhere,
-e.g. workers on several machines sharing one tracking server. Progress comes back over a queue.
+Engine-shaped, so that another engine can stand behind the same call: jobs in, outcomes and events
+out. A job runs as `work(job, resources, threads, emit)`: `resources` are what `setup()` returned once
+in that worker (the data, say), `threads` its share of the cores, `emit` sends an event (a dict) to
+the caller's `on_event`. Workers record their results themselves (e.g. in a shared tracking store),
+so an outcome only needs to say how the job ended. Ctrl-C or SIGTERM stop every worker: jobs in
+flight see a KeyboardInterrupt, queued ones never start.
 """
 
 from __future__ import annotations
@@ -11,11 +14,29 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, TypeVar
 
-from pipelines.stages.train import Interrupted, RunOutcome, RunTask, execute
+Job = TypeVar("Job")
+Outcome = TypeVar("Outcome")
+Emit = Callable[[dict[str, Any]], None]
+Work = Callable[[Job, Any, int, Emit], Outcome]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so that a terminated job unwinds (and records itself) as on Ctrl-C."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM interrupts like Ctrl-C does (only the main thread may set a handler)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 def available_cores() -> int:
@@ -25,93 +46,97 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(n_tasks: int) -> int:
+def default_workers(n_jobs: int) -> int:
     """One single-threaded worker per core: these small models train faster side by side than
     with several threads each (see benchmarks/suite_throughput.py)."""
-    return max(1, min(available_cores(), n_tasks))
+    return max(1, min(available_cores(), n_jobs))
 
 
 def threads_per_worker(workers: int) -> int:
     return max(1, available_cores() // max(1, workers))
 
 
-@dataclass(frozen=True)
-class DataRef:
-    """How a worker gets the data: the same call the main process made (cached, so it is fast)."""
-
-    source: str
-    quick: bool
-
-    def load(self):
-        from pipelines.stages.prepare import prepare
-        return prepare(self.source, quick=self.quick)
+def describe(workers: int, n_jobs: int, what: str = "runs") -> str:
+    return f"{n_jobs} {what} on {workers} worker(s) x {threads_per_worker(workers)} thread(s)"
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(f"signal {signum}")
+def run_jobs(jobs: Sequence[Job], work: Work, *, setup: Callable[[], Any], workers: int, on_event: Emit,
+             on_done: Callable[[Outcome], None] = lambda outcome: None, local_resources: Any = None,
+             start_together: bool = False) -> list[Outcome]:
+    """Run `work` on every job over `workers` processes; returns the outcomes in completion order
+    (jobs that never started because of an interrupt have none).
 
-
-def install_sigterm_handler() -> None:
-    """SIGTERM interrupts like Ctrl-C does, so runs in flight are recorded as KILLED."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-
-
-_WORKER: dict = {}
-
-
-def _init_worker(ref: DataRef, threads: int, events: "mp.Queue", stop: "mp.Event", uri: str) -> None:
+    `work` and `setup` must be picklable (module-level functions, or instances of module-level
+    classes). With one worker, jobs run in this process on `local_resources` (or `setup()`).
+    `start_together`: no job starts before every worker has finished `setup`, so that the first
+    worker up does not take all the early jobs while the others are still importing.
+    """
     install_sigterm_handler()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    import mlflow
-    mlflow.set_tracking_uri(uri)
-    _WORKER.update(data=ref.load(), threads=threads, events=events, stop=stop)
-
-
-def _run_in_worker(task: RunTask) -> RunOutcome:
-    if _WORKER["stop"].is_set():  # the suite was interrupted: tasks already queued here never start
-        return RunOutcome(task.ablation, task.seed, "KILLED", None, 0.0, error="not started: interrupted")
-    return execute(task, _WORKER["data"], threads=_WORKER["threads"], progress=_WORKER["events"].put)
-
-
-def run_tasks(tasks: list[RunTask], ref: DataRef, data, *, workers: int, uri: str,
-              on_event: Callable[[dict], None], on_done: Callable[[RunOutcome], None]) -> list[RunOutcome]:
-    """Run every task; returns their outcomes in completion order. Ctrl-C/SIGTERM stop all workers."""
-    if not tasks:
+    if not jobs:
         return []
     threads = threads_per_worker(workers)
     if workers == 1:
+        resources = local_resources if local_resources is not None else setup()
         outcomes = []
-        for task in tasks:
-            outcomes.append(execute(task, data, threads=threads, progress=on_event))
+        for job in jobs:
+            outcomes.append(work(job, resources, threads, on_event))
             on_done(outcomes[-1])
         return outcomes
 
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     events, stop = ctx.Queue(), ctx.Event()
+    barrier = ctx.Barrier(workers) if start_together else None
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(ref, threads, events, stop, uri))
-    outcomes: list[RunOutcome] = []
-    pending: set[Future] = {pool.submit(_run_in_worker, t) for t in tasks}
+                               initargs=(setup, threads, events, stop, barrier))
+    outcomes: list[Outcome] = []
+    pending: set[Future] = {pool.submit(_run_in_worker, work, job) for job in jobs}
     try:
         while pending:
             _drain(events, on_event)
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(events, on_event)
             for future in done:
-                outcomes.append(future.result())
-                on_done(outcomes[-1])
+                outcome = future.result()
+                if outcome is not _NOT_STARTED:
+                    outcomes.append(outcome)
+                    on_done(outcome)
         return outcomes
     except BaseException:
-        stop.set()  # before the signal: a worker whose run ends must not pick up a queued one
+        stop.set()  # before the signal: a worker whose job ends must not pick up a queued one
         running = {f for f in pending if not f.cancel()}
         stop_workers(pool, running)
+        _drain(events, on_event)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         events.close()
 
 
-def _drain(events, on_event: Callable[[dict], None]) -> None:
+# --- inside a worker process ------------------------------------------------------------------------
+
+_NOT_STARTED = None  # what a queued job returns once the run was interrupted
+_WORKER: dict[str, Any] = {}  # this worker process's resources, threads and channels
+
+
+def _init_worker(setup: Callable[[], Any], threads: int, events, stop, barrier) -> None:
+    install_sigterm_handler()
+    _WORKER.update(resources=setup(), threads=threads, events=events, stop=stop)
+    if barrier is not None:
+        try:
+            barrier.wait(timeout=600)
+        except threading.BrokenBarrierError:  # a worker died on the way up; the others go on without it
+            pass
+
+
+def _run_in_worker(work: Work, job: Job) -> Outcome | None:
+    if _WORKER["stop"].is_set():  # interrupted: jobs already queued here never start
+        return _NOT_STARTED
+    return work(job, _WORKER["resources"], _WORKER["threads"], _WORKER["events"].put)
+
+
+# --- in the calling process -------------------------------------------------------------------------
+
+def _drain(events, on_event: Emit) -> None:
     while True:
         try:
             on_event(events.get_nowait())
@@ -121,11 +146,11 @@ def _drain(events, on_event: Callable[[dict], None]) -> None:
             return
 
 
-def stop_workers(pool: ProcessPoolExecutor, running: Iterable[Future], timeout: float = 30) -> None:
+def stop_workers(pool: ProcessPoolExecutor, running: Iterable[Future], timeout: float = 60) -> None:
     """Pass SIGTERM on to a pool's workers and wait for their futures.
 
     Ctrl-C reaches the workers by itself (same process group); SIGTERM sent to us alone does
-    not, so each worker gets it and records its run as KILLED, and its future completes."""
+    not, so each worker gets it and records its job as KILLED, and its future completes."""
     for proc in list(getattr(pool, "_processes", {}).values()):
         if proc.is_alive():
             try:
@@ -135,5 +160,5 @@ def stop_workers(pool: ProcessPoolExecutor, running: Iterable[Future], timeout: 
     wait(list(running), timeout=timeout)
 
 
-def describe(workers: int, tasks: Iterable[RunTask]) -> str:
-    return f"{len(list(tasks))} runs on {workers} worker(s) x {threads_per_worker(workers)} thread(s)"
+__all__ = ["run_jobs", "Interrupted", "install_sigterm_handler", "available_cores", "default_workers",
+           "threads_per_worker", "describe", "stop_workers"]

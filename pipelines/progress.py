@@ -6,17 +6,21 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, TextIO
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from pipelines.stages.train import RunOutcome
+from pipelines.status import RunStatus
+
+if TYPE_CHECKING:
+    from pipelines.stages.train import RunOutcome
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
@@ -75,14 +79,14 @@ class SuiteProgress:
             self.bar.total = self.total_epochs
             self.bar.refresh()
         name = f"{outcome.ablation}/seed-{outcome.seed}"
-        if outcome.status == "FINISHED" and outcome.test_metrics:
+        if outcome.status == RunStatus.FINISHED and outcome.test_metrics:
             m = outcome.test_metrics
             detail = (f"test Corr {m['Corr']:.3f}  MAE {m['MAE']:.3f}  Acc-2 {m['Has0_acc_2']:.3f}  "
                       f"best epoch {outcome.best_epoch}")
         else:
             detail = f"{outcome.status}: {outcome.error or ''}"[:120]
         self.write(f"[{self.done_runs:>{len(str(self.total_runs))}}/{self.total_runs}] {name:<30} {detail}  "
-                   f"{_fmt_duration(outcome.seconds)}  suite ETA {_fmt_duration(self.eta())}")
+                   f"{fmt_duration(outcome.seconds)}  suite ETA {fmt_duration(self.eta())}")
 
     def write(self, line: str) -> None:
         self.bar.write(line, file=self.stream)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from msa.config import ConfigError
 from msa.data import DataError
@@ -35,11 +35,24 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _ablations(args: argparse.Namespace) -> int:
     from pipelines import suite
+    from pipelines.stages.prepare import prepare
+    from pipelines.tuning import TUNED, tune_spec_for, tuned_override
 
-    spec = suite.resolve_spec(args.spec, only=args.only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
-    result = suite.run_suite(spec, data_source=args.data, quick=args.quick, workers=args.workers,
-                             include_tuned=not args.only or suite.TUNED in args.only)
-    suite.report(result, suite.compare_suite(result))
+    # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
+    only = [n for n in args.only if n != TUNED] if args.only else None
+    spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
+    data = prepare(args.data or spec.data, quick=args.quick)
+    extra = {}
+    if not args.only or TUNED in args.only:
+        override = tuned_override(quick=args.quick, data_digest=data.digest, spec=tune_spec_for(spec.path))
+        if override is not None:
+            extra[TUNED] = override
+    if not spec.ablations and not extra:
+        raise UserError("nothing to run: no tuning study has a best trial on this data yet "
+                        "(run `python -m pipelines.run tune` first, or name other ablations)")
+    result = suite.run_suite(spec, data_source=args.data, data=data, quick=args.quick, workers=args.workers,
+                             extra_ablations=extra)
+    suite.report(result, *suite.compare(result))
     return 1 if result.failed else 0
 
 
@@ -96,17 +109,17 @@ def _positive_int(text: str) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipelines import suite, tune
+    from pipelines import suite, tuning
+    from pipelines.stages.compare import format_table
 
     try:
-        done = tune.tune(tune.load_tune_spec(args.spec), data_source=args.data, quick=args.quick, epochs=args.epochs,
-                         trials=args.trials, timeout=args.timeout, storage=args.storage, study_name=args.study,
-                         workers=args.workers)
-    except tune.TuneError as e:
+        done = tuning.tune(tuning.load_tune_spec(args.spec), data_source=args.data, quick=args.quick,
+                           epochs=args.epochs, trials=args.trials, timeout=args.timeout, storage=args.storage,
+                           study_name=args.study, workers=args.workers)
+    except tuning.TuneError as e:
         raise UserError(str(e)) from None
-    print(tune.summary(done.session))
+    print(tuning.summary(done.session))
     if done.comparison is not None:
-        from pipelines.stages.compare import format_table
         print("\n" + format_table(done.comparison))
         print(f"Report: {done.comparison.paths['report.html']}")
     if done.comparison_note:
@@ -156,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default, and print split sizes, dims, label range and cleaning counts.")
     p.add_argument("--data", default="synthetic", metavar="PATH|synthetic",
                    help="a MOSI pickle, or 'synthetic' for the embedded synthetic MOSI-like data (default)")
-    p.add_argument("--quick", action="store_true", help="small synthetic data (real dims) for smoke runs; no effect on a data file")
+    p.add_argument("--quick", action="store_true",
+                   help="small synthetic data (real dims) for smoke runs; no effect on a data file")
     p.set_defaults(func=_prepare)
 
     for register in _EXTRA_PIPELINES:
@@ -169,7 +183,10 @@ _EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_abl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipelines.executor import install_sigterm_handler
+
     args = build_parser().parse_args(argv)
+    install_sigterm_handler()  # from here on SIGTERM unwinds like Ctrl-C: runs in flight end KILLED
     try:
         return args.func(args)
     except USER_ERRORS as e:

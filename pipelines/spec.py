@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -35,7 +36,7 @@ class Spec:
     def names(self) -> list[str]:
         return list(self.ablations)
 
-    def select(self, only: Sequence[str] | None) -> "Spec":
+    def select(self, only: Sequence[str] | None) -> Spec:
         """Only the named ablations, in the spec's order (None: all); an unknown name is an error."""
         if only is None:
             return self
@@ -46,14 +47,14 @@ class Spec:
         return replace(self, ablations={n: self.ablations[n] for n in keep},
                        overrides={n: self.overrides[n] for n in keep})
 
-    def with_train(self, **train: Any) -> "Spec":
+    def with_train(self, **train: Any) -> Spec:
         """Every ablation with these TrainConfig fields set (e.g. epochs from the command line)."""
         if not train:
             return self
         spec = replace(self, train_overrides={**self.train_overrides, **train})
         return replace(spec, ablations={n: spec._resolve(n, spec.overrides[n]) for n in spec.ablations})
 
-    def with_ablation(self, name: str, override: Mapping[str, Any]) -> "Spec":
+    def with_ablation(self, name: str, override: Mapping[str, Any]) -> Spec:
         """The spec plus one more ablation (the tuned model joins this way), with the same train
         overrides as the others, so `--quick` and `--epochs` apply to it too."""
         config = self._resolve(name, override)
@@ -80,12 +81,7 @@ def load_spec(path: str | Path | None = None) -> Spec:
 
 
 def parse_spec(raw: Any, path: str) -> Spec:
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"{path}: expected a mapping with keys {list(SPEC_KEYS)}")
-    check_keys(raw, SPEC_KEYS, path, "the spec")
-    for key in ("experiment", "ablations"):
-        if key not in raw:
-            raise SpecError(f"{path}: missing key '{key}'")
+    check_top_level(raw, path, SPEC_KEYS, required=("experiment", "ablations"))
     seeds = raw.get("seeds", [1111, 1112, 1113])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise SpecError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
@@ -111,6 +107,16 @@ def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[st
         return RunConfig.from_dict(deep_merge(base, override))
     except (ConfigError, TypeError) as e:
         raise SpecError(f"{path}: ablation '{name}': {e}") from None
+
+
+def check_top_level(raw: Any, path: str, allowed: Sequence[str], *, required: Sequence[str]) -> None:
+    """A spec file's top level: a mapping, with only `allowed` keys and every `required` one."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: expected a mapping with keys {list(allowed)}")
+    check_keys(raw, allowed, path, "the spec")
+    for key in required:
+        if key not in raw:
+            raise SpecError(f"{path}: missing key '{key}'")
 
 
 def check_keys(d: Mapping[str, Any], allowed: Sequence[str], path: str, where: str) -> None:

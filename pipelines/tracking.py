@@ -6,25 +6,33 @@ The default store is `./mlruns/mlflow.db` (SQLite) with artifacts in `./mlruns/a
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
+import time
+import traceback
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from msa.config import stable_hash
 from msa.data import MOSIData
+from pipelines.status import RunStatus
 
 MLRUNS = Path("mlruns")
-FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 
 def tracking_uri() -> str:
@@ -87,6 +95,97 @@ def code_version() -> str:
             return "unknown"
 
 
+def start_run(client: MlflowClient, experiment_id: str, name: str, *, tags: Mapping[str, str],
+              params: Mapping[str, Any] | None = None, parent_run_id: str | None = None) -> str:
+    """Create a RUNNING run (nested under `parent_run_id` when given) with MLflow's usual context tags
+    (user, source, git commit) plus `tags` and `params`; returns its id. Every run of the pipelines
+    (suite parents, ablation runs, tuning sessions and trials) starts here."""
+    all_tags = {**resolve_tags(), **tags, MLFLOW_RUN_NAME: name}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+    if params:
+        log_params(client, run_id, params)
+    return run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(params).items()])
+
+
+@dataclass
+class RunHandle:
+    """The run inside `recorded_run`; set `status` to end it otherwise than FINISHED without raising."""
+
+    run_id: str
+    status: RunStatus = RunStatus.FINISHED
+
+
+@contextmanager
+def recorded_run(client: MlflowClient, run_id: str, *, finished_on: tuple[type[BaseException], ...] = ()
+                 ) -> Iterator[RunHandle]:
+    """The one run lifecycle: the run ends when the block does, FINISHED (or `handle.status`) when it
+    completes or raises one of `finished_on` (a pruned trial, say), KILLED on KeyboardInterrupt (Ctrl-C,
+    and SIGTERM through the executor's handler), FAILED on any other exception, with the error as a
+    tag and its traceback in error.txt. The exception always propagates."""
+    handle = RunHandle(run_id)
+    try:
+        yield handle
+    except finished_on:
+        client.set_terminated(run_id, RunStatus.FINISHED)
+        raise
+    except KeyboardInterrupt:
+        _quietly(client.set_tag, run_id, "error", "interrupted")
+        client.set_terminated(run_id, RunStatus.KILLED)
+        raise
+    except BaseException as e:
+        _quietly(client.set_tag, run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+        _quietly(client.log_text, run_id, traceback.format_exc(), "error.txt")
+        client.set_terminated(run_id, RunStatus.FAILED)
+        raise
+    else:
+        client.set_terminated(run_id, handle.status)
+
+
+def _quietly(call, *args) -> None:
+    # Recording the error must not replace the error itself (the store may be what failed).
+    try:
+        call(*args)
+    except Exception:
+        pass
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """The finite ones of `metrics` in one call (NaN, e.g. an undefined Corr, is left out)."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)])
+
+
+class EpochLogger:
+    """The one per-epoch logging path, for ablation runs and tuning trials alike: each epoch's finite
+    metrics go to MLflow in one batch, and to TensorBoard (train/validation loss, the selection
+    metric) when a folder is given. Call it as the trainer's callback body: `logger(step, metrics)`."""
+
+    def __init__(self, client: MlflowClient, run_id: str, *, tensorboard_dir: Path | None = None,
+                 select_key: str | None = None):
+        self.client, self.run_id, self.select_key = client, run_id, select_key
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        log_metrics(self.client, self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step)
+        if self.tb is not None:
+            self.tb.add_scalars("loss", {"train": metrics["train_loss"], "valid": metrics["val_loss"]}, step)
+            if self.select_key is not None:
+                self.tb.add_scalar(f"valid/{self.select_key.removeprefix('val_')}", metrics[self.select_key], step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
 def run_key(config: dict[str, Any], data_digest: str, seed: int) -> str:
     """A run's identity: (resolved config, data digest, seed). A FINISHED run with it is never redone."""
     return stable_hash({"config": config, "data": data_digest, "seed": seed})
@@ -103,7 +202,7 @@ def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str])
     found: dict[str, Any] = {}
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
+        page = client.search_runs([experiment_id], filter_string=f"attributes.status = '{RunStatus.FINISHED}'",
                                   order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
         for r in page:
             key = r.data.tags.get("run_key")

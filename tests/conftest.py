@@ -6,9 +6,9 @@ import pytest
 
 os.environ.setdefault("MSA_PROGRESS", "0")  # no progress bars in test logs
 
-import torch  # noqa: E402
+import torch
 
-from msa.synthetic import make_synthetic  # noqa: E402
+from msa.synthetic import make_synthetic
 
 # One intra-op thread: tests train tiny models, for which more threads only add contention on
 # a 2-core CI machine (and worker processes the pipeline tests start need the other core).

@@ -33,7 +33,7 @@ def reference(p, t):
     non_t, non_p = [t[i] > 0 for i in nz], [p[i] > 0 for i in nz]
 
     def mult(lo, hi):
-        c = lambda x: min(max(x, lo), hi)  # noqa: E731
+        c = lambda x: min(max(x, lo), hi)
         return sum(_round_half_even(c(a)) == _round_half_even(c(b)) for a, b in zip(p, t)) / n
 
     mp, mt = sum(p) / n, sum(t) / n

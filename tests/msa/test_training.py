@@ -115,8 +115,11 @@ def test_fit_leaves_threads_and_determinism_settings_as_it_found_them(tiny_data)
     torch.use_deterministic_algorithms(False)
     try:
         seen = []
-        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False,
-            callback=lambda epoch, m: seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())))
+
+        def during(epoch, metrics):
+            seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+
+        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False, callback=during)
         assert seen[0] == (1, True)  # fit did change them while it ran
         assert torch.get_num_threads() == 2
         assert not torch.are_deterministic_algorithms_enabled()

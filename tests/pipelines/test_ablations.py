@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.run import main
@@ -140,18 +141,25 @@ def test_spec_typos_name_the_key(tmp_path, store, capsys):
     assert "unknown ablation(s) ['basline']" in capsys.readouterr().err
 
 
+class _Crashes(torch.nn.Module):
+    """An encoder whose forward fails: a run that breaks in training, as a user's plug-in might."""
+
+    cost = 1.0
+    uses_heads = False
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = torch.nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x, real, prefix=None):
+        raise RuntimeError("simulated crash")
+
+
 def test_one_failing_run_does_not_stop_the_others(tmp_path, store, monkeypatch, capsys):
-    import pipelines.stages.train as train_stage
+    from msa import models
 
-    real_fit = train_stage.fit
-
-    def flaky_fit(config, data, **kw):
-        if config.model.modalities == ("audio",):
-            raise RuntimeError("simulated crash")
-        return real_fit(config, data, **kw)
-
-    monkeypatch.setattr(train_stage, "fit", flaky_fit)
-    spec = _write_spec(tmp_path, "  baseline: {}\n  audio_only:\n    model: {modalities: [audio]}\n")
+    monkeypatch.setitem(models.ENCODERS, "flaky", _Crashes)   # registered for this test only
+    spec = _write_spec(tmp_path, "  baseline: {}\n  audio_only:\n    model: {modalities: [audio], encoder: flaky}\n")
     rc = main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"])
     assert rc == 1
     out = capsys.readouterr().out
@@ -161,11 +169,34 @@ def test_one_failing_run_does_not_stop_the_others(tmp_path, store, monkeypatch, 
     assert runs["audio_only"].info.status == "FAILED"
     assert runs["audio_only"].data.tags["error"] == "RuntimeError: simulated crash"
 
-    monkeypatch.setattr(train_stage, "fit", real_fit)      # the fix: re-running trains only the failed run
+    monkeypatch.setitem(models.ENCODERS, "flaky", models.LSTMEncoder)   # the fix: re-running trains only it
     assert main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]) == 0
     runs = _children(MlflowClient(store), "unit")
     finished = sorted(r.data.tags["ablation"] for r in runs if r.info.status == "FINISHED")
     assert finished == ["audio_only", "baseline"]
+
+
+def test_a_registered_encoder_runs_in_a_suite(tmp_path, store, monkeypatch):
+    from msa import models
+
+    class MeanEncoder(torch.nn.Module):
+        """The smallest encoder: the mean over time of the projected features."""
+
+        cost = 0.1
+
+        def __init__(self, cfg):
+            super().__init__()
+
+        def forward(self, x, real, prefix=None):
+            return x.mean(dim=1)  # (B, H)
+
+    monkeypatch.setitem(models.ENCODERS, "mean", MeanEncoder)
+    spec = _write_spec(tmp_path, "  baseline: {}\n  mean_encoder:\n    model: {encoder: mean}\n")
+    assert main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]) == 0
+    runs = {r.data.tags["ablation"]: r for r in _children(MlflowClient(store), "unit")}
+    assert runs["mean_encoder"].info.status == "FINISHED"
+    assert runs["mean_encoder"].data.params["model.encoder"] == "mean"
+    assert "test_Corr" in runs["mean_encoder"].data.metrics
 
 
 @pytest.mark.parametrize("workers, seeds", [(1, ["7"]), (2, ["7", "8", "9"])])
@@ -187,7 +218,7 @@ def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path,
                 running = runs[0]
     assert running is not None, proc.communicate(timeout=60)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert client.get_run(running.info.run_id).info.status == "KILLED"

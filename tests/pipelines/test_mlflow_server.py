@@ -14,11 +14,8 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-import pandas as pd
 import pytest
-from mlflow.entities import Metric, Param
 
-from msa.metrics import eval_mosi_regression
 from pipelines import tracking
 from pipelines.stages.compare import compare
 
@@ -26,28 +23,14 @@ EXPERIMENT = "server-suite"
 STARTUP_SECONDS = 60
 
 
-def _suite(client, exp_id):
+def _suite(recorder):
     """A two-ablation, two-seed suite with predictions, as pipelines.suite records one."""
     rng = np.random.default_rng(0)
     labels = np.round(rng.uniform(-3, 3, 40) * 5) / 5
-    parent = client.create_run(exp_id, run_name="ablations", tags={"suite": "ablations", "synthetic": "true"})
-    pid = parent.info.run_id
-    client.log_batch(pid, params=[Param("ablations", "baseline,text_only"), Param("seeds", "1,2")])
-    rows = []
-    for ablation, sd in (("baseline", 1.0), ("text_only", 0.5)):
-        for seed in (1, 2):
-            pred = labels + np.random.default_rng(seed).normal(0, sd, 40)
-            run = client.create_run(exp_id, run_name=f"{ablation}/seed-{seed}", tags={
-                "mlflow.parentRunId": pid, "ablation": ablation, "seed": str(seed)})
-            rid = run.info.run_id
-            test = eval_mosi_regression(pred, labels)
-            client.log_batch(rid, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in test.items()])
-            frame = pd.DataFrame({"id": [str(i) for i in range(40)], "label": labels, "prediction": pred})
-            client.log_text(rid, frame.to_csv(index=False), "test_predictions.csv")
-            client.set_terminated(rid, "FINISHED")
-            rows.append({"ablation": ablation, "seed": seed, "run_id": rid, "status": "FINISHED"})
-    client.log_text(pid, json.dumps(rows), "suite.json")
-    client.set_terminated(pid, "FINISHED")
+    pid = recorder.parent(["baseline", "text_only"], [1, 2], tags={"synthetic": "true"})
+    rows = [recorder.child(pid, ablation, seed, labels, labels + np.random.default_rng(seed).normal(0, sd, 40))
+            for ablation, sd in (("baseline", 1.0), ("text_only", 0.5)) for seed in (1, 2)]
+    recorder.finish(pid, rows)
     return pid
 
 
@@ -95,7 +78,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(tmp_path, monkeypatch, suite_recorder):
     """A suite + comparison in a fresh default-layout store, served by `mlflow server` on loopback."""
     store = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
@@ -111,7 +94,7 @@ def server(tmp_path, monkeypatch):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        pid = _suite(client, exp_id)            # written while the server boots: it only reads the store
+        pid = _suite(suite_recorder(client, exp_id))  # written while the server boots: it only reads the store
         compare(client, exp_id, n_boot=200)
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(base, proc)

@@ -131,7 +131,8 @@ def test_best_trial_becomes_improved_tuned_trained_and_compared(tuned, monkeypat
     study = _study(tuned)
     best = study.best_trial
     saved = yaml.safe_load((tuned["storage"].parent / "unit-quick.best.yaml").read_text())
-    assert saved == {"improved_tuned": best.user_attrs["override"]} == {"improved_tuned": study.user_attrs[tune.TUNED]["override"]}
+    assert saved == {"improved_tuned": best.user_attrs["override"]}
+    assert saved == {"improved_tuned": study.user_attrs[tune.TUNED]["override"]}
     assert saved["improved_tuned"]["model"]["fusion"] == "query_attention"      # the improved base, kept
     monkeypatch.chdir(tuned["tmp"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tuned['tmp'] / 'mlruns' / 'mlflow.db'}")
@@ -150,10 +151,9 @@ def test_best_trial_becomes_improved_tuned_trained_and_compared(tuned, monkeypat
     rows = json.loads(Path(client.download_artifacts(suites[-1].info.run_id, "suite.json")).read_text())
     assert {r["ablation"] for r in rows} == {"baseline", "improved", "improved_tuned"}
     assert {r["status"] for r in rows if r["ablation"] != "improved_tuned"} == {"CACHED"}   # never trained twice
-    if (Path(tune.__file__).parent / "stages" / "compare.py").exists():
-        assert suites[-1].data.tags.get("comparison") == "comparison/report.html"
-        table = (tuned["tmp"] / "reports" / "tune-unit" / "tune" / "comparison.csv").read_text()
-        assert "improved_tuned" in table and "improved" in table
+    assert suites[-1].data.tags.get("comparison") == "comparison/report.html"
+    table = (tuned["tmp"] / "reports" / "tune-unit" / "tune" / "comparison.csv").read_text()
+    assert "improved_tuned" in table and "improved" in table
 
 
 def test_a_bad_trial_is_pruned(tmp_path, store):
@@ -180,28 +180,20 @@ class _Sealed(dict):
     items = values
 
 
-def test_the_search_never_reads_the_test_split(tmp_path, store, monkeypatch):
+def test_the_search_never_reads_the_test_split(tmp_path, store):
+    import dataclasses
+
     from pipelines.stages.prepare import prepare
 
     real = prepare("synthetic", quick=True)
     real.digest  # noqa: B018  (computed while test is still readable)
     test = real["test"]
-    sealed = type(test)(test.name, _Sealed(test.features), test.labels, test.ids, test.oracle)
-    data = type(real)({**real.splits, "test": sealed}, real.source, real.layout, real.synthetic, real.cleaned,
-                      real._digest)
-    monkeypatch.setattr(tune, "prepare", lambda source, quick=False: data)
-    calls = []
-    real_fit = tune.fit
-
-    def spy(config, data, **kw):
-        calls.append(("test" in data.splits, kw.get("evaluate_test", True)))
-        return real_fit(config, data, **kw)
-
-    monkeypatch.setattr(tune, "fit", spy)
+    sealed = dataclasses.replace(test, features=_Sealed(test.features))
+    data = dataclasses.replace(real, splits={**real.splits, "test": sealed})
     spec = tune.load_tune_spec(_tune_spec(tmp_path))
-    session = tune.run_study(spec, quick=True, trials=2)
+    session = tune.run_study(spec, quick=True, trials=2, data=data)
+    # Any read of the test features (a view that kept the split, or fit's own test evaluation) fails the trial.
     assert [t.state for t in session.trials] == [TrialState.COMPLETE] * 2
-    assert calls == [(False, False)] * 2
 
 
 def test_two_processes_share_one_journal_study(tmp_path, store):
@@ -278,8 +270,13 @@ def test_a_start_point_the_space_cannot_hold_is_refused(tmp_path):
 
 def test_spec_mistakes_name_the_key(tmp_path):
     bad_heads = SPACE.replace("model.heads:       {choices: [2, 4]}", "model.heads:       {choices: [2, 3]}")
-    with pytest.raises(SpecError, match=r"model.hidden 8 is not divisible by model.heads 3"):
+    with pytest.raises(SpecError, match=r"'model.heads' can be 3: The 'hidden' parameter of ModelConfig must be "
+                                        r"divisible by 'heads' \(3\)"):
         tune.load_tune_spec(_tune_spec(tmp_path, space=bad_heads))
+    # hidden 12 and heads 8 are each fine against the base (hidden 16, heads 2); together they are not
+    bad_pair = SPACE.replace("[8, 16]", "[12, 16]").replace("[2, 4]", "[2, 8]")
+    with pytest.raises(SpecError, match=r"'model.hidden' 12 with 'model.heads' 8 makes an invalid config"):
+        tune.load_tune_spec(_tune_spec(tmp_path, space=bad_pair))
     with pytest.raises(SpecError, match=r"space: 'model.hiden': not a config field"):
         tune.load_tune_spec(_tune_spec(tmp_path, space=SPACE.replace("model.hidden", "model.hiden")))
     with pytest.raises(SpecError, match=r"write 1.0e-4, not 1e-4"):
@@ -295,8 +292,9 @@ def test_ablations_include_improved_tuned_once_a_study_has_a_best_trial(tuned, m
     client = tuned["client"]
     monkeypatch.chdir(tuned["tmp"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tuned['tmp'] / 'mlruns' / 'mlflow.db'}")
-    monkeypatch.setattr(tune, "DEFAULT_TUNE_SPEC", tuned["spec"])   # the study `ablations` looks for
+    # The study that joins is the one of the tune spec beside the ablations spec, built on it.
     ablations = str(tuned["tmp"] / "ablations.yaml")
+    assert tune.tune_spec_for(ablations) == tuned["spec"]
     assert main(["ablations", "--spec", ablations, "--quick", "--workers", "1"]) == 0
     _, _, runs = _tune_runs(client)
     suite = max((r for r in runs if r.data.tags.get("suite") == "ablations"), key=lambda r: r.info.start_time)
@@ -305,8 +303,9 @@ def test_ablations_include_improved_tuned_once_a_study_has_a_best_trial(tuned, m
         "baseline": "CACHED", "improved": "CACHED", "improved_tuned": "CACHED"}   # all trained by `tune`
 
     assert main(["ablations", "--spec", ablations, "--quick", "--workers", "1", "--only", "improved_tuned"]) == 0
-    other = tuned["tmp"] / "other.yaml"
-    other.write_text(tuned["spec"].read_text().replace("study: unit", "study: never-run"))
-    monkeypatch.setattr(tune, "DEFAULT_TUNE_SPEC", other)
-    assert main(["ablations", "--spec", ablations, "--quick", "--only", "improved_tuned"]) == 2
+    other = tuned["tmp"] / "other"
+    other.mkdir()
+    (other / "ablations.yaml").write_text(ABLATIONS)
+    (other / "tune.yaml").write_text(tuned["spec"].read_text().replace("study: unit", "study: never-run"))
+    assert main(["ablations", "--spec", str(other / "ablations.yaml"), "--quick", "--only", "improved_tuned"]) == 2
     assert "no tuning study has a best trial on this data yet" in capsys.readouterr().err

@@ -1,20 +1,22 @@
-"""The comparison stage on a hand-made tracking store: known metrics, known differences, no training."""
+"""The comparison on a hand-made tracking store: known metrics, known differences, no training."""
 
-import json
-import math
 import re
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.entities import Metric, Param
 
 from msa.metrics import METRIC_NAMES, eval_mosi_regression
 from pipelines import tracking
+from pipelines.comparison import (
+    SYNTHETIC_BANNER,
+    CompareError,
+    compare,
+    find_suite,
+    open_experiment,
+)
 from pipelines.run import main
-from pipelines.stages.compare import (SYNTHETIC_BANNER, CompareError, RunRecord, compare, find_suite,
-                                      counts_of, open_experiment, resampled_metrics, summarise)
 
 EXPERIMENT = "unit-compare"
 N_TEST = 300
@@ -51,52 +53,37 @@ def _predictions(labels):
     return out
 
 
-def _child(client, exp_id, parent_id, ablation, seed, pred, labels, params):
-    run = client.create_run(exp_id, run_name=f"{ablation}/seed-{seed}", tags={
-        "mlflow.parentRunId": parent_id, "ablation": ablation, "seed": str(seed), "run_key": f"{ablation}-{seed}",
-        "synthetic": "true"})
-    rid = run.info.run_id
-    test = eval_mosi_regression(pred, labels)
-    curves = {"val_Corr": test["Corr"], "val_MAE": test["MAE"], "val_loss": 1.0, "train_loss": 1.0}
-    history = [Metric(k, v + 0.01 * epoch, 0, epoch) for epoch in (1, 2, 3) for k, v in curves.items()]
-    client.log_batch(rid, metrics=history + [Metric(f"test_{k}", v, 0, 0) for k, v in test.items()],
-                     params=[Param(k, v) for k, v in ({"model.modalities": ALL, "model.encoder": "lstm", "train.loss":
-                                                       "mse", "train.lr": "0.001", "data.dim.text": "300"}
-                                                      | params | {"seed": str(seed)}).items()])
-    frame = pd.DataFrame({"id": [f"v{i}$_${i}" for i in range(N_TEST)], "label": labels, "prediction": pred,
-                          "oracle": labels * 0.9})
-    client.log_text(rid, frame.to_csv(index=False), "test_predictions.csv")
-    client.set_terminated(rid, "FINISHED")
-    return {"ablation": ablation, "seed": seed, "run_key": f"{ablation}-{seed}", "run_id": rid, "status": "FINISHED",
-            "test_metrics": test, "error": None}
+BASE_PARAMS = {"model.modalities": ALL, "model.encoder": "lstm", "train.loss": "mse", "train.lr": "0.001",
+               "data.dim.text": "300"}
 
 
-def build_suite(client, exp_id):
+def build_suite(recorder):
     labels = _labels()
     preds = _predictions(labels)
-    parent = client.create_run(exp_id, run_name="ablations test", tags={"suite": "ablations", "synthetic": "true"})
-    pid = parent.info.run_id
-    client.log_batch(pid, params=[Param("ablations", ",".join(ORDER)), Param("seeds", "1,2,3")],
-                     metrics=[Metric(f"oracle_test_{k}", v, 0, 0) for k, v in
-                              eval_mosi_regression(labels * 0.9, labels).items()])
-    rows = [_child(client, exp_id, pid, a, s, preds[a][s], labels, DESIGN[a][2])
-            for a in DESIGN for s in DESIGN[a][0]]
-    rows.append({"ablation": "crashed", "seed": 1, "run_key": "c", "run_id": None, "status": "FAILED",
-                 "test_metrics": {}, "error": "RuntimeError: boom"})
-    client.log_text(pid, json.dumps(rows), "suite.json")
-    client.set_terminated(pid, "FINISHED")
+    pid = recorder.parent(ORDER, [1, 2, 3], name="ablations test", tags={"synthetic": "true"},
+                          oracle=eval_mosi_regression(labels * 0.9, labels))
+    rows = []
+    for a in DESIGN:
+        for s in DESIGN[a][0]:
+            test = eval_mosi_regression(preds[a][s], labels)
+            rows.append(recorder.child(
+                pid, a, s, labels, preds[a][s], params=BASE_PARAMS | DESIGN[a][2], tags={"synthetic": "true"},
+                curves={"val_Corr": test["Corr"], "val_MAE": test["MAE"], "val_loss": 1.0, "train_loss": 1.0},
+                ids=[f"v{i}$_${i}" for i in range(N_TEST)], oracle=labels * 0.9))
+    rows.append(recorder.failed("crashed", 1))
+    recorder.finish(pid, rows)
     return pid, labels, preds
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(tmp_path_factory, suite_recorder):
     """A store with one finished suite, a newer suite still running (no suite.json), and a comparison of it."""
     tmp = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
         mp.chdir(tmp)
         client, exp_id = tracking.setup(EXPERIMENT)
-        pid, labels, preds = build_suite(client, exp_id)
+        pid, labels, preds = build_suite(suite_recorder(client, exp_id))
         time.sleep(0.01)  # the running suite must start later
         running = client.create_run(exp_id, run_name="ablations running", tags={"suite": "ablations"}).info.run_id
         comparison = compare(client, exp_id, n_boot=1000)
@@ -109,41 +96,6 @@ def in_store(made, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", made["uri"])
     monkeypatch.chdir(made["tmp"])
     return made
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def test_resampled_metrics_match_eval_mosi_regression():
-    rng = np.random.default_rng(3)
-    t = np.round(rng.uniform(-3, 3, 150) * 5) / 5
-    p = np.clip(t + rng.normal(0, 1.2, 150), -3, 3)
-    idx = np.vstack([np.arange(150), rng.integers(0, 150, size=(5, 150))])
-    got = resampled_metrics(p, t, counts_of(idx, 150))
-    assert tuple(got) == METRIC_NAMES
-    for b in range(idx.shape[0]):
-        want = eval_mosi_regression(p[idx[b]], t[idx[b]])
-        np.testing.assert_allclose([got[m][b] for m in METRIC_NAMES], [want[m] for m in METRIC_NAMES], atol=6e-5,
-                                   err_msg=f"resample {b}")
-    constant = resampled_metrics(np.zeros(150), t, counts_of(idx, 150))
-    assert np.isnan(constant["Corr"]).all() and constant["MAE"][0] == pytest.approx(np.abs(t).mean())
-
-
-def test_summarise_aggregates_known_values():
-    def rec(ablation, seed, corr, mae):
-        return RunRecord(ablation, seed, f"{ablation}{seed}", {"Corr": corr, "MAE": mae}, {}, None)
-
-    records = [rec("baseline", 1, 0.5, 1.0), rec("baseline", 2, 0.6, 0.9), rec("baseline", 3, 0.7, 0.8),
-               rec("b", 1, 0.4, 1.1), rec("b", 2, 0.5, 1.2), rec("c", 1, 0.9, 0.5)]
-    table = summarise(records, ["baseline", "b", "c"], "baseline", n_boot=10)
-    assert list(table.index) == ["baseline", "b", "c"]
-    base, b, c = table.loc["baseline"], table.loc["b"], table.loc["c"]
-    assert base["Corr_mean"] == pytest.approx(0.6) and base["Corr_std"] == pytest.approx(0.1) and base["Corr_n"] == 3
-    assert b["Corr_mean"] == pytest.approx(0.45) and b["Corr_std"] == pytest.approx(np.std([0.4, 0.5], ddof=1))
-    assert b["Corr_delta"] == pytest.approx(-0.15) and b["MAE_delta"] == pytest.approx(0.25) and b["Corr_n"] == 2
-    assert c["Corr_n"] == 1 and math.isnan(c["Corr_std"])                     # one seed: no spread to report
-    assert b["Has0_acc_2_n"] == 0 and math.isnan(b["Has0_acc_2_mean"])       # never logged: not invented
-    assert b["test"] == "no test predictions logged" and b["Corr_mark"] == ""
 
 
 def test_table_holds_mean_std_delta_of_the_logged_metrics(made):
@@ -198,7 +150,7 @@ def test_oracle_row_and_synthetic_label(made):
 def test_the_latest_usable_suite_is_chosen_and_a_named_one_checked(made):
     client, exp_id = made["client"], made["exp_id"]
     assert made["c"].suite_run_id == made["parent"]                        # the newer one has no suite.json
-    with pytest.raises(CompareError, match="has no suite.json yet"):
+    with pytest.raises(CompareError, match=r"has no suite\.json yet"):
         find_suite(client, exp_id, made["running"])
     child = made["c"].runs["run_id"].iloc[0]
     with pytest.raises(CompareError, match="is not a suite run"):
@@ -243,7 +195,7 @@ def test_cli_compare_rebuilds_from_the_store_alone(in_store, capsys):
     assert lines[0] == f"*** {SYNTHETIC_BANNER} ***"
     body = [line.split()[0] for line in lines[4:4 + len(ORDER) + 1]]
     assert body == [*ORDER, "oracle"]
-    assert re.search(r"^improved\s+3\s+0\.\d{3} ± 0\.\d{3} \+0\.\d{3} ▲", out, re.M)
+    assert re.search(r"^improved\s+3\s+0\.\d{3} ± 0\.\d{3} \+0\.\d{3} ▲", out, re.MULTILINE)
     assert f"Report: {in_store['tmp'] / 'reports' / EXPERIMENT / 'report.html'}" in out
 
     _, exp_id = open_experiment(None, suite_run_id=in_store["parent"])      # --suite alone names the experiment

@@ -1,0 +1,72 @@
+"""The comparison wired end to end: read the suite from the store, build the table, write the three
+reports where they belong and log them on the suite's parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.comparison import store
+from pipelines.comparison.html import to_html
+from pipelines.comparison.model import CompareError, Comparison
+from pipelines.comparison.render import to_markdown
+from pipelines.comparison.table import (
+    describe_test,
+    modality_subsets,
+    runs_table,
+    summarise,
+)
+
+REPORT_FILES: tuple[str, ...] = ("comparison.csv", "comparison.md", "report.html")
+
+
+def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | None = None,
+            out_dir: str | Path | None = None, n_boot: int = 2000, seed: int = 0,
+            log_artifacts: bool = True) -> Comparison:
+    """Compare a suite's ablations with its baseline (the latest suite unless one is named); write
+    comparison.csv/.md and report.html to `out_dir` (default: `default_report_dir`) and log them on the
+    suite's parent run under comparison/."""
+    store.quiet_downloads()
+    parent, rows = store.find_suite(client, experiment_id, suite_run_id)
+    experiment = client.get_experiment(experiment_id).name
+    records = store.load_runs(client, rows)
+    order = store.suite_order(parent, rows)
+    baseline = "baseline" if "baseline" in order else order[0]
+    if not any(r.ablation == baseline for r in records):
+        raise CompareError(f"suite run '{parent.info.run_id}' has no finished '{baseline}' run to compare against")
+    # Only synthetic data has noise-free labels, so an oracle column also marks it.
+    synthetic = parent.data.tags.get("synthetic") == "true" or any(
+        r.predictions is not None and "oracle" in r.predictions for r in records)
+    oracle = store.oracle_scores(parent, records) if synthetic else None
+    table = summarise(records, order, baseline, oracle=oracle, n_boot=n_boot, seed=seed)
+    n_test = next((len(r.predictions) for r in records if r.predictions is not None), 0)
+    comparison = Comparison(
+        table=table, runs=runs_table(records), curves=store.load_curves(client, records),
+        modality_subsets=modality_subsets(records, baseline), experiment=experiment,
+        suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
+        test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records))
+    out = Path(out_dir) if out_dir else default_report_dir(experiment, parent.data.tags.get("suite"))
+    comparison.paths = write_reports(comparison, out.resolve())
+    if log_artifacts:
+        for path in comparison.paths.values():
+            client.log_artifact(parent.info.run_id, str(path), "comparison")
+        client.set_tag(parent.info.run_id, "comparison", "comparison/report.html")
+    return comparison
+
+
+def default_report_dir(experiment: str, suite: str | None) -> Path:
+    """reports/<experiment> for an `ablations` suite; another suite (a `tune` run's three ablations)
+    gets a folder of its own below it, so that it never replaces the full suite's report."""
+    base = Path("reports") / experiment
+    return base if suite in (None, "ablations") else base / suite
+
+
+def write_reports(c: Comparison, out_dir: Path) -> dict[str, Path]:
+    """Write comparison.csv, comparison.md and report.html into out_dir (created); name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in REPORT_FILES}
+    c.table.to_csv(paths["comparison.csv"], encoding="utf-8")
+    paths["comparison.md"].write_text(to_markdown(c), encoding="utf-8")
+    paths["report.html"].write_text(to_html(c), encoding="utf-8")
+    return paths

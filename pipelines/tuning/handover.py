@@ -1,0 +1,85 @@
+"""The hand-over from a study to the suite: its best trial becomes the ablation `improved_tuned`.
+
+The study is the source of truth (a study attribute); a YAML copy beside the storage lets a person
+read or reuse the override. Reading never creates a storage or a study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial
+
+from pipelines.spec import SpecError
+from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, TuneSpec, load_tune_spec
+from pipelines.tuning.storage import default_storage_path, open_storage, storage_label
+
+TUNED = "improved_tuned"  # the Optuna-tuned improved model; joins a suite once a study has a best trial
+
+
+def default_study_name(spec: TuneSpec, quick: bool) -> str:
+    return f"{spec.study}-quick" if quick else spec.study
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return None
+
+
+def save_best(study: optuna.Study, spec: TuneSpec, storage: str | None) -> Path | None:
+    """Record the best trial's override on the study and in `<study>.best.yaml`; returns the YAML's path
+    (None when the study has no COMPLETE trial)."""
+    best = best_trial(study)
+    if best is None:
+        return None
+    override = dict(best.user_attrs["override"])
+    record = {"trial": best.number, "value": best.value, "metric": spec.metric, "override": override}
+    if study.user_attrs.get(TUNED) != record:
+        study.set_user_attr(TUNED, record)
+    path = default_storage_path().parent / f"{study.study_name}.best.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# The best trial ({best.number}, validation {spec.metric} {best.value:.4f}) of Optuna study "
+        f"'{study.study_name}' ({storage_label(storage)}),\n# as an ablation override of {spec.ablations}. "
+        f"Written by `python -m pipelines.run tune`; the study itself is the source of truth.\n"
+        + yaml.safe_dump({TUNED: override}, sort_keys=False))
+    return path
+
+
+def tune_spec_for(ablations_spec: str | Path | None) -> Path:
+    """The tune spec whose study joins a suite of `ablations_spec`: a `tune.yaml` beside it that builds
+    on it, else the default one."""
+    if ablations_spec is not None:
+        beside = Path(ablations_spec).parent / DEFAULT_TUNE_SPEC.name
+        try:
+            if beside.is_file() and Path(load_tune_spec(beside).ablations).resolve() == Path(ablations_spec).resolve():
+                return beside
+        except SpecError:
+            pass  # not a tune spec for this suite
+    return DEFAULT_TUNE_SPEC
+
+
+def tuned_override(study: str | None = None, storage: str | None = None, *, quick: bool = False,
+                   data_digest: str | None = None, spec: str | Path | None = None) -> dict[str, Any] | None:
+    """The best trial's ablation override (`{"model": {...}, "train": {...}}`), or None when the
+    study does not exist, has no COMPLETE trial, or (with `data_digest`) was searched on other data."""
+    tune_spec = load_tune_spec(spec)
+    name = study or default_study_name(tune_spec, quick)
+    if (storage is None or "://" not in storage) and not Path(storage or default_storage_path()).is_file():
+        return None
+    try:
+        found = optuna.load_study(study_name=name, storage=open_storage(storage, tune_spec.storage))
+    except KeyError:
+        return None
+    if data_digest is not None and found.user_attrs.get("data_digest") != data_digest:
+        return None
+    best = best_trial(found)
+    return dict(best.user_attrs["override"]) if best is not None else None
+
+
+__all__ = ["TUNED", "default_study_name", "best_trial", "save_best", "tune_spec_for", "tuned_override"]

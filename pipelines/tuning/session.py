@@ -1,0 +1,249 @@
+"""A study session: open (or continue) the study, run trials on the worker pool until the study holds
+`--trials` trials, and record the session under one MLflow parent run with its best, plots and counts.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+from msa.data import MOSIData
+from pipelines import tracking
+from pipelines.executor import run_jobs, threads_per_worker
+from pipelines.spec import Spec
+from pipelines.stages.prepare import prepare
+from pipelines.stages.train import WorkerSetup
+from pipelines.suite import resolve_spec
+from pipelines.tuning.handover import TUNED, best_trial, default_study_name, save_best
+from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, objective
+from pipelines.tuning.search import make_pruner, make_sampler, session_seed
+from pipelines.tuning.spec import TuneError, TuneSpec
+from pipelines.tuning.storage import StorageSettings, open_storage, storage_label
+
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """One worker's share of a session; picklable, so it runs the same in a spawned process."""
+
+    storage: str | None
+    settings: StorageSettings
+    study: str
+    target: int
+    timeout: float | None
+    sampler_seed: int
+    spec: TuneSpec
+    setup: TrialSetup
+    where: TrialTracking | None
+
+
+def optimize(job: WorkerJob, data: MOSIData, threads: int, emit: Emit) -> None:
+    """A worker's loop: take trials from the shared study until it holds `target` of them."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings),
+                              sampler=make_sampler(job.spec.sampler, job.sampler_seed),
+                              pruner=make_pruner(job.spec.pruner, job.setup.steps))
+    # Counting running trials too keeps parallel workers from overshooting the target; a WAITING
+    # (re-queued) trial is not counted, so it is always run.
+    if len(study.get_trials(deepcopy=False, states=COUNTED)) >= job.target:
+        return
+    study.optimize(lambda t: objective(t, job.setup, data, where=job.where, threads=threads, emit=emit),
+                   timeout=job.timeout, catch=(Exception,),
+                   callbacks=[optuna.study.MaxTrialsCallback(job.target, states=COUNTED)])
+
+
+@dataclass
+class StudySession:
+    """What one `tune` session did, and the study's best so far."""
+
+    study: str
+    storage: str                               # where the study lives, for people (no password)
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    data_source: str
+    data_digest: str
+    synthetic: bool
+    trials: list[FrozenTrial]                  # this session's trials, by number
+    n_total: int                               # every trial the study holds
+    best: FrozenTrial | None                   # the study's best COMPLETE trial
+    override: dict[str, Any] | None            # the best trial's ablation override (improved_tuned)
+    best_path: Path | None                     # the YAML copy of it
+    metric: str
+    suite_spec: Spec                           # the resolved ablations spec (quick / epochs applied)
+    seconds: float
+
+    def count(self, state: TrialState) -> int:
+        return sum(t.state == state for t in self.trials)
+
+
+def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = False, epochs: int | None = None,
+              trials: int | None = None, timeout: float | None = None, storage: str | None = None,
+              study_name: str | None = None, workers: int = 1, stream: TextIO | None = None,
+              data: MOSIData | None = None) -> StudySession:
+    """Run (or continue) the study until it holds `trials` trials or `timeout` seconds pass, on
+    `workers` local processes sharing the storage; record it all under one MLflow parent run.
+    `data`, when given, is used in this process instead of loading `data_source` (workers load it)."""
+    stream = stream or sys.stderr
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.monotonic()
+    suite_spec = resolve_spec(spec.ablations, only=None, seeds=None, epochs=epochs, quick=quick)
+    source = data_source or suite_spec.data
+    data = data if data is not None else prepare(source, quick=quick)
+    print(data.summary().splitlines()[0], file=stream, flush=True)
+    setup = TrialSetup.from_specs(spec, suite_spec)
+    name = study_name or default_study_name(spec, quick)
+    target = trials or (spec.quick_trials if quick else spec.trials)
+    study = _open_study(spec, storage, name, setup, data)
+    n_before = len(study.trials)
+    for start, values in spec.start_from:  # once per study: a trial with these values is never queued again
+        study.enqueue_trial(values, user_attrs={"start_from": start}, skip_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # so the count below and the report are honest
+
+    experiment = spec.experiment or suite_spec.experiment
+    client, experiment_id = tracking.setup(experiment)
+    tags = {"synthetic": str(data.synthetic).lower(), "data_digest": data.digest, "data_source": data.source,
+            "code_version": tracking.code_version()}
+    # No `suite` tag: the comparison looks for suite parents by it, and a study session is not one.
+    parent_id = tracking.start_run(
+        client, experiment_id, f"tune {name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        tags={"tune_study": name, "optuna_study": name, "optuna_storage": storage_label(storage),
+              "quick": str(quick).lower(), **tags},
+        params={"study": name, "trials_target": target, "timeout": timeout, "metric": spec.metric,
+                "direction": spec.direction, "epochs": setup.epochs, "seeds": ",".join(map(str, setup.seeds)),
+                "base": spec.base, "pruner": spec.pruner.get("type", "median"),
+                "sampler_seed": spec.sampler.get("seed"), "workers": workers, "tune_spec": spec.path,
+                "ablations_spec": spec.ablations})
+    with tracking.recorded_run(client, parent_id):
+        where = TrialTracking(tracking.tracking_uri(), experiment_id, parent_id, name, tuple(tags.items()))
+        jobs = [WorkerJob(storage, spec.storage, name, target, timeout,
+                          session_seed(int(spec.sampler.get("seed", 0)), n_before, w), spec, setup, where)
+                for w in range(workers)]
+        done = len(study.get_trials(deepcopy=False, states=COUNTED))
+        print(f"study '{name}' ({storage_label(storage)}): {done} of {target} trials done or running; "
+              f"{workers} worker(s) x {threads_per_worker(workers)} thread(s), "
+              f"{setup.epochs} epochs x {len(setup.seeds)} seed(s) per trial, validation {spec.metric} "
+              f"({spec.direction}), pruner {spec.pruner.get('type', 'median')}",
+              file=stream, flush=True)
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "trial":
+                print(event["line"], file=stream, flush=True)
+
+        try:
+            run_jobs(jobs, optimize, setup=WorkerSetup(source, quick, tracking.tracking_uri()), workers=workers,
+                     on_event=on_event, local_resources=data, start_together=True)
+        finally:
+            session = _finish_session(spec, storage, study, n_before, client, experiment, experiment_id, parent_id,
+                                      data, suite_spec, started)
+    return session
+
+
+def _open_study(spec: TuneSpec, storage: str | None, name: str, setup: TrialSetup, data: MOSIData) -> optuna.Study:
+    """Create the study, or load it after checking it was searched under the same conditions:
+    trials on other data, epochs, seeds or metric are not comparable, so they must not be mixed."""
+    identity = {"data_digest": data.digest, "epochs": setup.epochs, "seeds": list(setup.seeds), "metric": spec.metric}
+    study = optuna.create_study(study_name=name, storage=open_storage(storage, spec.storage),
+                                direction=spec.direction, load_if_exists=True)
+    for key, value in identity.items():
+        if key in study.user_attrs and study.user_attrs[key] != value:
+            raise TuneError(f"study '{name}' in {storage_label(storage)} was searched with {key} "
+                            f"{study.user_attrs[key]!r}; this run has {value!r}. Give another --study NAME to "
+                            f"start a new study, or the same data and settings to continue this one.")
+    if study.direction.name.lower() != spec.direction:
+        raise TuneError(f"study '{name}' in {storage_label(storage)} is a {study.direction.name.lower()} study; "
+                        f"metric {spec.metric} needs {spec.direction}. Give another --study NAME.")
+    for key, value in {**identity, "data_source": data.source, "synthetic": data.synthetic, "base": spec.base}.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+    return study
+
+
+def _finish_session(spec: TuneSpec, storage: str | None, study: optuna.Study, n_before: int, client: MlflowClient,
+                    experiment: str, experiment_id: str, parent_id: str, data: MOSIData, suite_spec: Spec,
+                    started: float) -> StudySession:
+    """Save the best trial as `improved_tuned` and put the session's summary and plots on the parent run."""
+    study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage, spec.storage))
+    all_trials = study.get_trials(deepcopy=False)
+    session_trials = [t for t in all_trials if t.number >= n_before]
+    best = best_trial(study)
+    best_path = save_best(study, spec, storage)
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    metrics = {f"n_{s.name.lower()}": sum(t.state == s for t in all_trials) for s in states} | {
+        f"session_n_{s.name.lower()}": sum(t.state == s for t in session_trials) for s in states}
+    if best is not None:
+        metrics |= {f"best_val_{spec.metric}": best.value, "best_trial": best.number}
+    try:
+        tracking.log_metrics(client, parent_id, metrics)
+        if best is not None:
+            tracking.log_params(client, parent_id, {f"best.{k}": v for k, v in best.params.items()})
+            client.set_tag(parent_id, "best_trial", str(best.number))
+        _log_study_artifacts(client, parent_id, study, best_path)
+    except Exception as e:  # the study is safe in its storage; a tracking hiccup must not lose the session
+        print(f"could not record the session summary in MLflow: {type(e).__name__}: {e}", file=sys.stderr)
+    return StudySession(study.study_name, storage_label(storage), experiment, experiment_id, parent_id, data.source,
+                        data.digest, data.synthetic, session_trials, len(all_trials), best,
+                        dict(best.user_attrs["override"]) if best is not None else None, best_path, spec.metric,
+                        suite_spec, time.monotonic() - started)
+
+
+def _log_study_artifacts(client: MlflowClient, run_id: str, study: optuna.Study, best_path: Path | None) -> None:
+    import matplotlib.pyplot as plt  # Optuna's plots draw through pyplot; figures are closed once saved
+    from optuna.visualization import matplotlib as vis
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # experimental plotting API; few-trial importance caveats (the plot is still worth having)
+        warnings.simplefilter("ignore")
+        tmp = Path(tmp)
+        study.trials_dataframe().to_csv(tmp / "trials.csv", index=False)
+        n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        plots = {"optimization_history.png": vis.plot_optimization_history} if n_complete else {}
+        if n_complete >= 2:
+            plots["param_importances.png"] = vis.plot_param_importances  # needs two results to compare
+        for filename, plot in plots.items():
+            try:
+                ax = plot(study)
+                ax.figure.set_size_inches(8, 5)
+                ax.figure.tight_layout()
+                ax.figure.savefig(tmp / filename, dpi=100)
+                plt.close(ax.figure)
+            except Exception as e:  # e.g. importances of params that never varied; the rest still counts
+                client.set_tag(run_id, f"plot_error.{filename}", f"{type(e).__name__}: {e}"[:500])
+        if best_path is not None:
+            (tmp / best_path.name).write_text(best_path.read_text())
+        client.log_artifacts(run_id, str(tmp))
+
+
+def summary(session: StudySession) -> str:
+    """What a person reads at the end of a session."""
+    n = len(session.trials)
+    lines = [f"study '{session.study}' ({session.storage}): {n} trial(s) this session "
+             f"({session.count(TrialState.COMPLETE)} complete, {session.count(TrialState.PRUNED)} pruned, "
+             f"{session.count(TrialState.FAIL)} failed), {session.n_total} in all, "
+             f"in {session.seconds:.0f} s"]
+    if session.best is None:
+        lines.append("no COMPLETE trial yet")
+    else:
+        b = session.best
+        lines.append(f"best: trial {b.number}, validation {session.metric} {b.value:.4f}")
+        lines += [f"  {k} = {v}" for k, v in b.params.items()]
+        lines.append(f"saved as ablation '{TUNED}': {session.best_path}")
+    lines.append(f"tune run {session.parent_run_id} in experiment '{session.experiment}'"
+                 + ("  (SYNTHETIC data)" if session.synthetic else ""))
+    return "\n".join(lines)
+
+
+__all__ = ["StudySession", "WorkerJob", "run_study", "optimize", "summary", "COUNTED"]

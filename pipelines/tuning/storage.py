@@ -1,0 +1,135 @@
+"""Where a study lives, and every contact with Optuna's private API (pinned by tests/pipelines/tuning/test_storage.py).
+
+A journal file (the default, shared safely by local processes) or an RDB URL (postgresql://... for
+several machines); both fail the trials of a dead worker after a grace period and re-queue them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat  # private: the heartbeat protocol JournalStorage lacks
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from pipelines import tracking
+from pipelines.status import RunStatus
+
+HEARTBEAT_KEY = "heartbeat"          # trial system attr: time.time() of the last heartbeat (journal storage)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 1
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal file storage with Optuna's heartbeat protocol, which its RDBStorage has and (as of
+    Optuna 5) its JournalStorage lacks. While a trial runs, Optuna's heartbeat thread stamps it every
+    `heartbeat_interval` s; before each new trial, any process on the study fails the RUNNING trials
+    that have neither a stamp nor a start within `grace_period` s, then calls the stale-trial
+    callback (which re-queues their parameters). The start time counts so that a re-queued trial,
+    which inherits its predecessor's old stamp, is not failed before its own thread has stamped it."""
+
+    def __init__(self, backend: JournalFileBackend, settings: StorageSettings,
+                 stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+        super().__init__(backend)
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.grace_period = settings.grace_period
+        self.stale_trial_callback = stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+        except UpdateFinishedTrialError:  # another process judged it dead; its tell will say so
+            pass
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # Optuna's private hook, and private _trial_id
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+            if now - max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started) > self.grace_period:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.stale_trial_callback
+
+    get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the name Optuna < 4.9 asks for
+
+
+class OnDeadTrial:
+    """Called on a trial failed for want of heartbeats: mark its MLflow run FAILED (its worker cannot),
+    then re-queue its parameters with Optuna's retry callback, up to `max_retry` times."""
+
+    def __init__(self, max_retry: int, grace_period: int):
+        self.max_retry, self.grace_period = max_retry, grace_period
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                client = MlflowClient(tracking.tracking_uri())
+                if client.get_run(run_id).info.status == RunStatus.RUNNING:
+                    client.set_tag(run_id, "optuna_state", TrialState.FAIL.name)
+                    client.set_tag(run_id, "error", f"worker died: no heartbeat for over {self.grace_period} s")
+                    client.set_terminated(run_id, RunStatus.FAILED)
+            except Exception as e:  # another tracking store, or none reachable: the study is still right
+                print(f"trial {trial.number}: could not mark its MLflow run failed: {e}", file=sys.stderr)
+        if self.max_retry:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) \
+                    or optuna.storages.RetryFailedTrialCallback  # Optuna < 4.9
+                retry_cls(max_retry=self.max_retry)(study, trial)
+
+
+def default_storage_path() -> Path:
+    """The default study storage: a journal file beside the tracking store."""
+    return tracking.local_root() / "optuna" / "journal.log"
+
+
+def storage_label(storage: str | None) -> str:
+    if storage is None:
+        return str(default_storage_path())
+    if "://" not in storage:
+        return storage
+    scheme, rest = storage.split("://", 1)
+    return f"{scheme}://{rest.split('@')[-1]}"  # never print a URL's password
+
+
+def open_storage(storage: str | None, settings: StorageSettings = StorageSettings()) -> BaseStorage:
+    """`None`: the default journal file; a URL (postgresql://, mysql://, sqlite:///): an RDB storage;
+    anything else: a journal file at that path. Both kinds fail and re-queue trials whose worker died."""
+    on_dead = OnDeadTrial(settings.max_retry, settings.grace_period)
+    if storage is not None and "://" in storage:
+        callback_arg = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+                        else "failed_trial_callback")  # Optuna < 4.9
+        with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(storage, heartbeat_interval=settings.heartbeat_interval,
+                              grace_period=settings.grace_period, **{callback_arg: on_dead})
+    path = Path(storage) if storage is not None else default_storage_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return HeartbeatJournalStorage(JournalFileBackend(str(path)), settings, on_dead)
+
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial (not its number): Optuna keeps it private."""
+    return trial._trial_id

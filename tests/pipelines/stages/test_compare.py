@@ -1,0 +1,43 @@
+"""The compare stage's entry for a suite that just ran: a comparison, or the reason there is none."""
+
+import numpy as np
+
+from pipelines import tracking
+from pipelines.stages.compare import Comparison, compare_suite
+
+N_TEST = 40
+
+
+def _suite(recorder, finished: dict[str, float]) -> str:
+    """A one-seed suite of `baseline` and `text_only` in which only the ablations in `finished`
+    (ablation -> prediction noise sd) have a FINISHED run; the others FAILED, as suite.json records it."""
+    labels = np.round(np.random.default_rng(0).uniform(-3, 3, N_TEST) * 5) / 5
+    pid = recorder.parent(["baseline", "text_only"], [1])
+    rows = []
+    for ablation in ("baseline", "text_only"):
+        if ablation not in finished:
+            rows.append(recorder.failed(ablation, 1))
+            continue
+        pred = labels + np.random.default_rng(len(rows)).normal(0, finished[ablation], N_TEST)
+        rows.append(recorder.child(pid, ablation, 1, labels, pred))
+    recorder.finish(pid, rows)
+    return pid
+
+
+def test_compare_suite_returns_the_comparison_written_where_the_suite_reports(store, tmp_path, suite_recorder):
+    client, exp_id = tracking.setup("stage-compare")
+    pid = _suite(suite_recorder(client, exp_id), {"baseline": 1.0, "text_only": 0.5})
+    comparison, reason = compare_suite("stage-compare", exp_id, pid)
+    assert reason is None and isinstance(comparison, Comparison)
+    assert comparison.suite_run_id == pid and list(comparison.table.index) == ["baseline", "text_only"]
+    assert comparison.paths["report.html"] == tmp_path / "reports" / "stage-compare" / "report.html"
+    assert client.get_run(pid).data.tags["comparison"] == "comparison/report.html"
+
+
+def test_compare_suite_without_a_finished_baseline_says_why(store, tmp_path, suite_recorder):
+    client, exp_id = tracking.setup("stage-compare")
+    pid = _suite(suite_recorder(client, exp_id), {"text_only": 0.5})
+    comparison, reason = compare_suite("stage-compare", exp_id, pid)
+    assert comparison is None
+    assert reason == f"no comparison: suite run '{pid}' has no finished 'baseline' run to compare against"
+    assert not (tmp_path / "reports").exists() and "comparison" not in client.get_run(pid).data.tags
