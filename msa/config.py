@@ -11,8 +11,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from msa.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -36,8 +37,8 @@ def _float_range(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool =
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
             return False
         return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    hi_txt = "inf" if hi == math.inf else f"{hi:g}"
-    return ok, f"a float in the range {'(' if lo_open else '['}{lo:g}, {hi_txt}{')' if hi_open or hi == math.inf else ']'}"
+    lo_txt, hi_txt = f"{'(' if lo_open else '['}{lo:g}", "inf" if hi == math.inf else f"{hi:g}"
+    return ok, f"a float in the range {lo_txt}, {hi_txt}{')' if hi_open or hi == math.inf else ']'}"
 
 
 def _one_of(*options):
@@ -95,9 +96,22 @@ class ModelConfig:
     heads: int = 4                             # attention heads (transformer encoder, attention fusions)
     ff_dim: int = 256                          # transformer feed-forward width
     dropout: float = 0.1
-    pooling: str = "last"                      # how a modality sequence becomes one vector: last step or mean
+    pooling: str = "last"                      # how a sequence becomes one vector: last step, mean, or attention
+                                               # (a learned query scores each step; softmax-weighted sum)
     mask_padding: bool = False                 # ignore zero-padded steps (the lab's variants do not)
     fusion: str = "sum_lstm"                   # name in msa.models.FUSIONS
+    bidirectional: bool = False                # LSTM encoders: a forward and a backward LSTM, hidden/2 wide
+                                               # each, concatenated back to hidden (hidden must be even)
+    fusion_dim: int = 16                       # tfn: each modality vector is projected to this width before
+                                               # the outer product, which has (fusion_dim + 1)^modalities terms
+    rank: int = 4                              # lmf: rank of the modality-specific factors
+
+    # Fields added after runs were first recorded. A config's identity (`RunConfig.to_dict`, hence
+    # `config_hash`, the pipelines' run keys and logged params) leaves each of these out while it is
+    # at its default, so a config that does not use one is written exactly as before the field
+    # existed and its recorded runs are still found. Every field added from now on goes here (with a
+    # plain default); none is ever removed, and a default here never changes.
+    _ADDED_LATER = ("bidirectional", "fusion_dim", "rank")
 
     _CONSTRAINTS = {
         "modalities": ((lambda v: isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v)
@@ -110,9 +124,12 @@ class ModelConfig:
         "heads": _int_range(1),
         "ff_dim": _int_range(1),
         "dropout": _float_range(0.0, 1.0, hi_open=True),
-        "pooling": _one_of("last", "mean"),
+        "pooling": _one_of("last", "mean", "attention"),
         "mask_padding": _bool(),
         "fusion": _registered("fusion"),
+        "bidirectional": _bool(),
+        "fusion_dim": _int_range(1),
+        "rank": _int_range(1),
     }
 
     def __post_init__(self):
@@ -128,7 +145,7 @@ class ModelConfig:
             raise ConfigError(errors[0])
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "ModelConfig":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ModelConfig:
         return _from_dict(cls, values)
 
 
@@ -181,7 +198,7 @@ class TrainConfig:
         return self.select_metric if self.select_metric == "val_loss" else f"val_{self.select_metric}"
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> TrainConfig:
         return _from_dict(cls, values)
 
 
@@ -193,7 +210,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "RunConfig":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> RunConfig:
         values = dict(values or {})
         unknown = sorted(set(values) - {"model", "train"})
         if unknown:
@@ -202,6 +219,8 @@ class RunConfig:
                    train=TrainConfig.from_dict(values.get("train")))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The config's identity, as plain JSON-able values: every field, except a field added later
+        (`_ADDED_LATER`) while it is at its default. `from_dict` of it gives this config back."""
         return {"model": _plain(self.model), "train": _plain(self.train)}
 
     def flat(self) -> dict[str, Any]:
@@ -213,8 +232,10 @@ class RunConfig:
 
 
 def _plain(cfg) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    later = getattr(cfg, "_ADDED_LATER", ())
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+            if not (k in later and v == default[k])}
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
