@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
+from pipelines import cores
+
 Job = TypeVar("Job")
 Outcome = TypeVar("Outcome")
 Emit = Callable[[dict[str, Any]], None]
@@ -39,21 +41,15 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_workers(n_jobs: int) -> int:
     """One single-threaded worker per core: these small models train faster side by side than
     with several threads each (see benchmarks/suite_throughput.py)."""
-    return max(1, min(available_cores(), n_jobs))
+    return max(1, min(cores.available(), n_jobs))
 
 
 def threads_per_worker(workers: int) -> int:
-    return max(1, available_cores() // max(1, workers))
+    """Each worker's share of the cores, with what other commands on this machine run counted."""
+    return cores.share(workers)
 
 
 def describe(workers: int, n_jobs: int, what: str = "runs") -> str:
@@ -74,20 +70,24 @@ def run_jobs(jobs: Sequence[Job], work: Work, *, setup: Callable[[], Any], worke
     install_sigterm_handler()
     if not jobs:
         return []
-    threads = threads_per_worker(workers)
-    if workers == 1:
-        resources = local_resources if local_resources is not None else setup()
-        outcomes = []
-        for job in jobs:
-            outcomes.append(work(job, resources, threads, on_event))
-            on_done(outcomes[-1])
-        return outcomes
+    with cores.claim(workers):
+        if workers == 1:
+            resources = local_resources if local_resources is not None else setup()
+            outcomes = []
+            for job in jobs:  # the share is taken per job: other commands may have started or ended
+                outcomes.append(work(job, resources, cores.share(1), on_event))
+                on_done(outcomes[-1])
+            return outcomes
+        return _run_in_pool(jobs, work, setup, workers, on_event, on_done, start_together)
+
+
+def _run_in_pool(jobs, work, setup, workers, on_event, on_done, start_together) -> list:
 
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     events, stop = ctx.Queue(), ctx.Event()
     barrier = ctx.Barrier(workers) if start_together else None
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(setup, threads, events, stop, barrier))
+                               initargs=(setup, workers, events, stop, barrier))
     outcomes: list[Outcome] = []
     pending: set[Future] = {pool.submit(_run_in_worker, work, job) for job in jobs}
     try:
@@ -115,12 +115,12 @@ def run_jobs(jobs: Sequence[Job], work: Work, *, setup: Callable[[], Any], worke
 # --- inside a worker process ------------------------------------------------------------------------
 
 _NOT_STARTED = None  # what a queued job returns once the run was interrupted
-_WORKER: dict[str, Any] = {}  # this worker process's resources, threads and channels
+_WORKER: dict[str, Any] = {}  # this worker process's resources, pool size and channels
 
 
-def _init_worker(setup: Callable[[], Any], threads: int, events, stop, barrier) -> None:
+def _init_worker(setup: Callable[[], Any], workers: int, events, stop, barrier) -> None:
     install_sigterm_handler()
-    _WORKER.update(resources=setup(), threads=threads, events=events, stop=stop)
+    _WORKER.update(resources=setup(), workers=workers, events=events, stop=stop)
     if barrier is not None:
         try:
             barrier.wait(timeout=600)
@@ -131,7 +131,8 @@ def _init_worker(setup: Callable[[], Any], threads: int, events, stop, barrier) 
 def _run_in_worker(work: Work, job: Job) -> Outcome | None:
     if _WORKER["stop"].is_set():  # interrupted: jobs already queued here never start
         return _NOT_STARTED
-    return work(job, _WORKER["resources"], _WORKER["threads"], _WORKER["events"].put)
+    threads = cores.share(_WORKER["workers"])  # per job: other commands may have started or ended
+    return work(job, _WORKER["resources"], threads, _WORKER["events"].put)
 
 
 # --- in the calling process -------------------------------------------------------------------------
@@ -160,5 +161,5 @@ def stop_workers(pool: ProcessPoolExecutor, running: Iterable[Future], timeout: 
     wait(list(running), timeout=timeout)
 
 
-__all__ = ["run_jobs", "Interrupted", "install_sigterm_handler", "available_cores", "default_workers",
+__all__ = ["run_jobs", "Interrupted", "install_sigterm_handler", "default_workers",
            "threads_per_worker", "describe", "stop_workers"]

@@ -7,20 +7,18 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from msa.config import ConfigError
 from msa.data import DataError
+from pipelines.errors import UserError, check_writable_dir
 from pipelines.spec import SpecError
 
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """Anything a user can fix from the message alone."""
-
-
+REPORTS = Path("reports")  # where comparisons are written, below the working folder
 USER_ERRORS = (UserError, DataError, ConfigError, SpecError)
 EXIT_INTERRUPTED = 130
 
@@ -41,6 +39,7 @@ def _ablations(args: argparse.Namespace) -> int:
     # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
     only = [n for n in args.only if n != TUNED] if args.only else None
     spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
+    _check_outputs(REPORTS / spec.experiment)
     data = prepare(args.data or spec.data, quick=args.quick)
     extra = {}
     if not args.only or TUNED in args.only:
@@ -65,7 +64,7 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the spec's, synthetic)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="only these ablations (names from the spec, or improved_tuned once `tune` has run)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the spec's three)")
+    p.add_argument("--seeds", nargs="+", type=_seed, metavar="N", help="seeds (default: the spec's three)")
     p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="parallel worker processes (default: one per core, cores split between them)")
@@ -75,9 +74,23 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_ablations)
 
 
+def _check_outputs(reports: Path, storage: str | None = None, *, study: bool = False) -> None:
+    """Everything a command will write to, checked before it loads data or creates anything: the
+    tracking store, the report folder, and the study storage for `tune`."""
+    from pipelines import tracking
+
+    tracking.check_store()
+    check_writable_dir(reports, "report folder")
+    if study:
+        from pipelines.tuning import check_storage
+
+        check_storage(storage)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from pipelines.stages import compare as stage
 
+    _check_outputs(REPORTS)
     try:
         client, experiment_id = stage.open_experiment(args.experiment, suite_run_id=args.suite, spec_path=args.spec)
         comparison = stage.compare(client, experiment_id, suite_run_id=args.suite)
@@ -102,9 +115,34 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from pipelines.spec import SEED_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -112,12 +150,11 @@ def _tune(args: argparse.Namespace) -> int:
     from pipelines import suite, tuning
     from pipelines.stages.compare import format_table
 
-    try:
-        done = tuning.tune(tuning.load_tune_spec(args.spec), data_source=args.data, quick=args.quick,
-                           epochs=args.epochs, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                           study_name=args.study, workers=args.workers)
-    except tuning.TuneError as e:
-        raise UserError(str(e)) from None
+    spec = tuning.load_tune_spec(args.spec)
+    _check_outputs(REPORTS, args.storage, study=True)
+    done = tuning.tune(spec, data_source=args.data, quick=args.quick,
+                       epochs=args.epochs, trials=args.trials, timeout=args.timeout, storage=args.storage,
+                       study_name=args.study, workers=args.workers)
     print(tuning.summary(done.session))
     if done.comparison is not None:
         print("\n" + format_table(done.comparison))
@@ -141,7 +178,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=_positive_int, metavar="N",
                    help="the study's total trials to reach (default: the spec's 50, or 8 with --quick); "
                         "a re-run runs only what is missing, so raise N to search further")
-    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--timeout", type=_positive_seconds, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--storage", metavar="URL|PATH",
                    help="Optuna storage: a URL (postgresql://... for several machines) or a journal file "
                         "(default: mlruns/optuna/journal.log)")
@@ -158,7 +195,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m pipelines.run",
         description="Ablation-tracking pipelines for multimodal sentiment analysis (CMU-MOSI).")
     sub = parser.add_subparsers(dest="pipeline", required=True, metavar="PIPELINE")
@@ -182,10 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare, _add_tune]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes end as every other user error does: one line, exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.executor import install_sigterm_handler
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a command-line mistake (2), already printed
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     install_sigterm_handler()  # from here on SIGTERM unwinds like Ctrl-C: runs in flight end KILLED
     try:
         return args.func(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,27 +83,73 @@ def load_spec(path: str | Path | None = None) -> Spec:
 
 def parse_spec(raw: Any, path: str) -> Spec:
     check_top_level(raw, path, SPEC_KEYS, required=("experiment", "ablations"))
-    seeds = raw.get("seeds", [1111, 1112, 1113])
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise SpecError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
-    base = raw.get("base") or {}
-    if not isinstance(base, Mapping):
-        raise SpecError(f"{path}: 'base' must be a mapping with 'model' and/or 'train'")
+    experiment = check_name(raw["experiment"], path, "experiment")
+    data = raw.get("data", "synthetic")
+    if not (isinstance(data, str) and data.strip()):
+        raise SpecError(f"{path}: 'data' must be a MOSI pickle path or 'synthetic', got {data!r}")
+    seeds = check_seeds(raw.get("seeds", [1111, 1112, 1113]), path, "seeds")
+    base = check_mapping(raw.get("base") or {}, path, "base", "a mapping with 'model' and/or 'train'")
     ablations = raw["ablations"]
     if not isinstance(ablations, Mapping) or not ablations:
-        raise SpecError(f"{path}: 'ablations' must be a non-empty mapping of name -> override")
-    quick = raw.get("quick") or {}
+        raise SpecError(f"{path}: 'ablations' must be a non-empty mapping of name -> override, got {ablations!r}")
+    quick = check_mapping(raw.get("quick") or {}, path, "quick", f"a mapping with keys {list(QUICK_KEYS)}")
     check_keys(quick, QUICK_KEYS, path, "'quick'")
-    overrides = {str(n): dict(o or {}) for n, o in ablations.items()}
+    if "seeds" in quick:
+        check_seeds(quick["seeds"], path, "quick.seeds")
+    if "epochs" in quick:
+        check_positive_int(quick["epochs"], path, "quick.epochs")
+    overrides = {}
+    for name, override in ablations.items():
+        name = check_name(name, path, "ablations", what="an ablation name")
+        overrides[name] = dict(check_mapping(override or {}, path, f"ablations.{name}",
+                                             "a mapping with 'model' and/or 'train'"))
     resolved = {n: _resolve(path, n, base, o) for n, o in overrides.items()}
-    return Spec(path=path, experiment=str(raw["experiment"]), data=str(raw.get("data", "synthetic")),
-                seeds=tuple(dict.fromkeys(seeds)), base=dict(base), ablations=resolved, overrides=overrides,
-                quick=dict(quick))
+    return Spec(path=path, experiment=experiment, data=data, seeds=seeds, base=dict(base), ablations=resolved,
+                overrides=overrides, quick=dict(quick))
+
+
+# --- what a user writes: one check each, one message template -----------------------------------------
+
+SEED_LIMIT = 2**32  # seeds are numpy's and torch's: integers in [0, 2**32)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # becomes part of run names and folder paths
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_seeds(value: Any, path: str, key: str) -> tuple[int, ...]:
+    """A non-empty list of seeds in [0, 2**32); a repeated seed runs once."""
+    if not (isinstance(value, list) and value and all(is_int(s) and 0 <= s < SEED_LIMIT for s in value)):
+        raise SpecError(f"{path}: '{key}' must be a non-empty list of integers in [0, 2**32), got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def check_positive_int(value: Any, path: str, key: str) -> int:
+    if not (is_int(value) and value >= 1):
+        raise SpecError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def check_name(value: Any, path: str, key: str, what: str = "a name") -> str:
+    """A name that goes into MLflow run names and folder paths: letters, digits, '_', '.', '-'."""
+    if not (isinstance(value, str) and _NAME.fullmatch(value)):
+        raise SpecError(f"{path}: '{key}' must be {what} of letters, digits, '_', '.' or '-' "
+                        f"(not starting with a symbol), got {value!r}")
+    return value
+
+
+def check_mapping(value: Any, path: str, key: str, expected: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{path}: '{key}' must be {expected}, got {value!r}")
+    return value
 
 
 def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[str, Any]) -> RunConfig:
-    if not isinstance(override, Mapping):
-        raise SpecError(f"{path}: ablation '{name}' must be a mapping with 'model' and/or 'train'")
+    for section in ("model", "train"):
+        if section in override and not isinstance(override[section], Mapping):
+            raise SpecError(f"{path}: ablation '{name}': '{section}' must be a mapping of field -> value, "
+                            f"got {override[section]!r}")
     try:
         return RunConfig.from_dict(deep_merge(base, override))
     except (ConfigError, TypeError) as e:

@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from msa.config import stable_hash
 from msa.data import MOSIData
+from pipelines.errors import StoreError, UserError, check_writable_dir
 from pipelines.status import RunStatus
 
 MLRUNS = Path("mlruns")
@@ -60,21 +61,111 @@ def ui_hint() -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
 
 
+# A tracking server that does not answer must not hold a command for minutes (MLflow's own default
+# retries with backoff for about four): a few quick retries, unless the user chose otherwise.
+for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    os.environ.setdefault(_key, _value)
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
+    """The configured tracking store is usable (and writable, with `write`): else a StoreError naming
+    it and what is wrong. Nothing is created or modified. Returns the store's URI."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_dir():
+            raise StoreError(f"tracking store {path}: is a folder, not an SQLite file")
+        if path.exists():
+            try:
+                with open(path, "rb") as f:
+                    header = f.read(len(SQLITE_HEADER))
+            except OSError as e:
+                raise StoreError(f"tracking store {path}: cannot be read ({e.strerror})") from None
+            if header and header != SQLITE_HEADER:
+                raise StoreError(f"tracking store {path}: is not an SQLite database; move it away, or set "
+                                 "MLFLOW_TRACKING_URI to another store")
+            if write and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+                raise StoreError(f"tracking store {path}: is read-only (SQLite writes the file and a journal "
+                                 "beside it); make both writable, or set MLFLOW_TRACKING_URI to another store")
+        elif write:
+            try:
+                check_writable_dir(path.parent, "tracking store folder")
+            except UserError as e:
+                raise StoreError(str(e)) from None
+        return uri
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=probe_seconds):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answers; a server without /health (a proxy, an older MLflow) is still a server
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise StoreError(f"tracking server {uri}: does not answer ({reason}); start it, or set "
+                             "MLFLOW_TRACKING_URI to a reachable store") from None
+        return uri
+    try:  # a database URI (postgresql://, mysql://): MLflow opens it directly
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(f"tracking store {_without_password(uri)}: cannot be used ({first})") from None
+    return uri
+
+
+def _without_password(uri: str) -> str:
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.split('@')[-1]}"
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a local SQLite store across processes: two commands creating its
+    schema or the same experiment at once would otherwise race (MLflow migrates on first open)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, as before
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def setup(experiment: str) -> tuple[MlflowClient, str]:
     """Point MLflow at the store and return a client and the experiment's id (created if new)."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return client, exp.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (local_root() / "artifacts").resolve().as_uri()
     try:
-        return client, client.create_experiment(experiment, artifact_location=artifacts)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process
-        return client, client.get_experiment_by_name(experiment).experiment_id
+        with _store_lock(uri):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is not None:
+                return client, exp.experiment_id
+            artifacts = None
+            if uri.startswith("sqlite:///"):
+                artifacts = (local_root() / "artifacts").resolve().as_uri()
+            try:
+                return client, client.create_experiment(experiment, artifact_location=artifacts)
+            except mlflow.exceptions.MlflowException:  # created meanwhile by a process without the lock
+                return client, client.get_experiment_by_name(experiment).experiment_id
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(f"tracking store {_without_password(uri)}: {first}") from None
 
 
 @lru_cache(maxsize=1)
@@ -196,8 +287,9 @@ def run_name(ablation: str, seed: int) -> str:
 
 
 def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str]) -> dict[str, Any]:
-    """run_key -> the newest FINISHED run carrying it. (MLflow's filter has no IN for tags, so
-    the experiment's FINISHED runs are listed page by page and matched here.)"""
+    """run_key -> the newest FINISHED run carrying it that holds a finite test score (one that trained
+    to NaN is no result to reuse). (MLflow's filter has no IN for tags, so the experiment's FINISHED
+    runs are listed page by page and matched here.)"""
     wanted = set(keys)
     found: dict[str, Any] = {}
     token = None
@@ -206,7 +298,7 @@ def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str])
                                   order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
         for r in page:
             key = r.data.tags.get("run_key")
-            if key in wanted:
+            if key in wanted and all(math.isfinite(r.data.metrics.get(f"test_{m}", math.nan)) for m in ("MAE", "Corr")):
                 found.setdefault(key, r)
         token = page.token
         if not token:
@@ -230,8 +322,14 @@ def log_dataset(client: MlflowClient, run_id: str, data: MOSIData) -> None:
     tags = {"mlflow.data.context": "train/valid/test", "synthetic": str(data.synthetic).lower(),
             "layout": data.layout, "sizes": "/".join(str(v) for v in data.sizes.values()),
             **{f"cleaned.{split}.{m}": str(n) for split, c in data.cleaned.items() for m, n in c.items()}}
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     [InputTag(k, v) for k, v in tags.items()])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])]
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except mlflow.exceptions.MlflowException as e:
+        # Two first links of one dataset at once: the loser finds the winner's row on a second try.
+        if "UNIQUE constraint" not in str(e) and "unique constraint" not in str(e).lower():
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def flat_params(d: dict[str, Any]) -> dict[str, str]:

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lower layers never import higher ones; a module may import its own layer (within a package).
 LAYERS = [
     ("msa",),
-    ("pipelines.status",),
-    ("pipelines.tracking", "pipelines.executor", "pipelines.spec", "pipelines.progress"),
+    ("pipelines.status", "pipelines.errors"),
+    ("pipelines.tracking", "pipelines.executor", "pipelines.spec", "pipelines.progress", "pipelines.cores"),
     ("pipelines.stages", "pipelines.comparison"),
     ("pipelines.suite",),
     ("pipelines.tuning", "pipelines.tune"),

@@ -30,7 +30,7 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
     store.quiet_downloads()
     parent, rows = store.find_suite(client, experiment_id, suite_run_id)
     experiment = client.get_experiment(experiment_id).name
-    records = store.load_runs(client, rows)
+    records, left_out = store.load_runs(client, rows)
     order = store.suite_order(parent, rows)
     baseline = "baseline" if "baseline" in order else order[0]
     if not any(r.ablation == baseline for r in records):
@@ -45,7 +45,8 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
         table=table, runs=runs_table(records), curves=store.load_curves(client, records),
         modality_subsets=modality_subsets(records, baseline), experiment=experiment,
         suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
-        test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records))
+        test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records),
+        left_out=tuple(left_out))
     out = Path(out_dir) if out_dir else default_report_dir(experiment, parent.data.tags.get("suite"))
     comparison.paths = write_reports(comparison, out.resolve())
     if log_artifacts:

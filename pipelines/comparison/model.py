@@ -52,6 +52,7 @@ class Comparison:
     test: str                             # the statistical test, in words, as every report states it
     n_test: int                           # test samples per run (0 when no predictions were logged)
     seeds: tuple[int, ...]
+    left_out: tuple[str, ...] = ()        # FINISHED runs without a finite test score, in words
     paths: dict[str, Path] = field(default_factory=dict)  # file name -> where it was written
 
     @property

@@ -90,6 +90,7 @@ def format_table(c: Comparison) -> str:
     lines.append("Intervals: paired bootstrap over test samples, runs paired by seed "
                  "(comparison.md says exactly how).")
     lines += [f"  {line}" for line in special_tests(c)]
+    lines += [f"Left out: {note}" for note in c.left_out]
     return "\n".join(lines)
 
 
@@ -111,6 +112,7 @@ def to_markdown(c: Comparison) -> str:
                  "score reachable from its noise-free labels. Read differences as what the pipeline can detect, "
                  "not as findings about MOSI."), ""]
     out += [meta_line(c), ""]
+    out += [*(f"- Left out: {note}" for note in c.left_out), ""] if c.left_out else []
     out += ["## Test metrics (mean ± std over seeds; mark against the baseline)", ""]
     rows = [[f"**{a}**" if r["role"] == "baseline" else (f"*{a}*" if r["role"] == ORACLE else a), n_runs(r)]
             + [f"{mean_std(r, m)} {r[f'{m}_mark']}".rstrip() for m in DISPLAY_METRICS]

@@ -4,6 +4,7 @@ its suite.json, the child runs' test metrics, predictions and metric histories."
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -111,18 +112,27 @@ def suite_order(parent: Run, rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(declared + [r["ablation"] for r in rows]))
 
 
-def load_runs(client: MlflowClient, rows: list[dict]) -> list[RunRecord]:
-    """The FINISHED child runs behind the suite's finished and cached rows, with their test predictions."""
-    records = []
+def load_runs(client: MlflowClient, rows: list[dict]) -> tuple[list[RunRecord], list[str]]:
+    """The FINISHED child runs behind the suite's finished and cached rows, with their test predictions;
+    and, in words, the FINISHED runs left out because they hold no finite test score (a run that
+    trained to NaN, recorded before such runs were failed)."""
+    records, left_out = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for row in filter(_usable, rows):
             run = client.get_run(row["run_id"])
             if run.info.status != RunStatus.FINISHED:
                 continue
             metrics = {m: run.data.metrics[f"test_{m}"] for m in METRIC_NAMES if f"test_{m}" in run.data.metrics}
+            if not all(math.isfinite(metrics.get(m, math.nan)) for m in SCORED):
+                left_out.append(f"{row['ablation']}/seed-{row['seed']} (run {row['run_id']}): no finite test "
+                                f"{' or '.join(SCORED)}")
+                continue
             records.append(RunRecord(row["ablation"], int(row["seed"]), row["run_id"], metrics, dict(run.data.params),
                                      _predictions(client, run, Path(tmp))))
-    return records
+    return records, left_out
+
+
+SCORED = ("MAE", "Corr")  # a run without both finite is no result to compare
 
 
 def _predictions(client: MlflowClient, run: Run, tmp: Path) -> pd.DataFrame | None:

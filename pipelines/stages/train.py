@@ -8,6 +8,7 @@ the `RunTask` and the data; everything it makes goes to the tracking store.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -125,6 +126,9 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
         result = fit(cfg, data, seed=task.seed, callback=on_epoch, threads=threads, evaluate_test=False)
         model = result.model.cpu().eval()
         test_metrics, predictions = evaluate(model, data["test"], cfg.train.eval_batch_size)
+        problem = non_finite(result, test_metrics, cfg.train.select_key)
+        if problem:  # FAILED with the reason: never counted as trained, reused as cached, nor compared
+            raise NonFiniteRun(problem)
         tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in test_metrics.items()}
                              | {"best_epoch": result.best_epoch, "n_params": result.n_params})
         client.set_tag(run_id, "stopped_early", str(result.stopped_early).lower())
@@ -141,6 +145,25 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
     _log_model(run_id, task.experiment_id, model, data, params)
     return RunOutcome(task.ablation, task.seed, RunStatus.FINISHED, run_id, 0.0,
                       test_metrics=test_metrics, best_epoch=result.best_epoch)
+
+
+class NonFiniteRun(RuntimeError):
+    """The run trained, but what it selected or scored is not a number."""
+
+
+def non_finite(result, test_metrics: dict[str, float], select_key: str) -> str | None:
+    """Why a run's result is no result (its selected epoch's losses or selection metric, or its test
+    MAE or Corr, are not finite), or None when it is one."""
+    best = result.history[result.best_epoch - 1]
+    for key in dict.fromkeys(("train_loss", "val_loss", select_key)):
+        if not math.isfinite(best.get(key, math.nan)):
+            first = next((h["epoch"] for h in result.history if not math.isfinite(h.get(key, math.nan))), None)
+            return (f"{key} is {best.get(key)} at the selected epoch {result.best_epoch} (not finite from epoch "
+                    f"{first}: the model diverged or its predictions are constant)")
+    for m in ("MAE", "Corr"):
+        if not math.isfinite(test_metrics.get(m, math.nan)):
+            return f"test {m} is {test_metrics.get(m)} (NaN predictions, or constant ones)"
+    return None
 
 
 def _log_model(run_id: str, experiment_id: str, model: torch.nn.Module, data: MOSIData,

@@ -11,9 +11,9 @@ from pipelines.tuning.pipeline import TuneResult, tune
 from pipelines.tuning.search import make_pruner, make_sampler
 from pipelines.tuning.session import StudySession, run_study, summary
 from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, TuneError, TuneSpec, load_tune_spec, parse_tune_spec
-from pipelines.tuning.storage import default_storage_path, open_storage, storage_label
+from pipelines.tuning.storage import check_storage, default_storage_path, open_storage, storage_label
 
 __all__ = ["TUNED", "TuneSpec", "TuneError", "TuneResult", "StudySession", "DEFAULT_TUNE_SPEC", "load_tune_spec",
-           "parse_tune_spec", "open_storage", "storage_label", "default_storage_path", "run_study", "tune",
-           "tuned_override", "tune_spec_for", "default_study_name", "summary", "objective", "sample", "override_of",
-           "search_view", "make_pruner", "make_sampler", "TrialSetup"]
+           "parse_tune_spec", "check_storage", "open_storage", "storage_label", "default_storage_path", "run_study",
+           "tune", "tuned_override", "tune_spec_for", "default_study_name", "summary", "objective", "sample",
+           "override_of", "search_view", "make_pruner", "make_sampler", "TrialSetup"]

@@ -18,7 +18,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from msa.data import MOSIData
-from pipelines import tracking
+from pipelines import cores, tracking
 from pipelines.executor import run_jobs, threads_per_worker
 from pipelines.spec import Spec
 from pipelines.stages.prepare import prepare
@@ -46,21 +46,31 @@ class WorkerJob:
     spec: TuneSpec
     setup: TrialSetup
     where: TrialTracking | None
+    workers: int                               # the session's workers, for their share of the cores
 
 
 def optimize(job: WorkerJob, data: MOSIData, threads: int, emit: Emit) -> None:
-    """A worker's loop: take trials from the shared study until it holds `target` of them."""
+    """A worker's loop: take trials from the shared study until it holds `target` of them, then run
+    any trial still queued (a dead worker's trial, re-queued: its failed predecessor counts towards
+    the target, so without this the re-queued one would wait forever and the study would stall)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.monotonic()
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings),
                               sampler=make_sampler(job.spec.sampler, job.sampler_seed),
                               pruner=make_pruner(job.spec.pruner, job.setup.steps))
-    # Counting running trials too keeps parallel workers from overshooting the target; a WAITING
-    # (re-queued) trial is not counted, so it is always run.
-    if len(study.get_trials(deepcopy=False, states=COUNTED)) >= job.target:
-        return
-    study.optimize(lambda t: objective(t, job.setup, data, where=job.where, threads=threads, emit=emit),
-                   timeout=job.timeout, catch=(Exception,),
-                   callbacks=[optuna.study.MaxTrialsCallback(job.target, states=COUNTED)])
+
+    def trial(t: optuna.Trial) -> float:
+        # The share of the cores is taken per trial: another session may have started or ended.
+        return objective(t, job.setup, data, where=job.where, threads=cores.share(job.workers), emit=emit)
+
+    # Counting running trials too keeps parallel workers from overshooting the target.
+    if len(study.get_trials(deepcopy=False, states=COUNTED)) < job.target:
+        study.optimize(trial, timeout=job.timeout, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(job.target, states=COUNTED)])
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if job.timeout is not None and time.monotonic() - started > job.timeout:
+            return
+        study.optimize(trial, n_trials=1, catch=(Exception,))  # Optuna runs a queued trial first
 
 
 @dataclass
@@ -130,7 +140,8 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
     with tracking.recorded_run(client, parent_id):
         where = TrialTracking(tracking.tracking_uri(), experiment_id, parent_id, name, tuple(tags.items()))
         jobs = [WorkerJob(storage, spec.storage, name, target, timeout,
-                          session_seed(int(spec.sampler.get("seed", 0)), n_before, w), spec, setup, where)
+                          session_seed(int(spec.sampler.get("seed", 0)), n_before, w), spec, setup, where,
+                          workers)
                 for w in range(workers)]
         done = len(study.get_trials(deepcopy=False, states=COUNTED))
         print(f"study '{name}' ({storage_label(storage)}): {done} of {target} trials done or running; "

@@ -17,7 +17,20 @@ from typing import Any
 import optuna
 
 from msa.config import ConfigError, ModelConfig, RunConfig, TrainConfig, deep_merge
-from pipelines.spec import Spec, SpecError, check_keys, check_top_level, load_spec, read_yaml
+from pipelines.errors import UserError
+from pipelines.spec import (
+    Spec,
+    SpecError,
+    check_keys,
+    check_mapping,
+    check_name,
+    check_positive_int,
+    check_seeds,
+    check_top_level,
+    is_int,
+    load_spec,
+    read_yaml,
+)
 from pipelines.tuning.search import make_pruner, make_sampler
 from pipelines.tuning.storage import StorageSettings
 
@@ -30,7 +43,7 @@ TUNE_KEYS = ("study", "ablations", "base", "experiment", "metric", "seeds", "tri
 FIXED_FIELDS = ("train.epochs", "train.select_metric", "train.patience")
 
 
-class TuneError(ValueError):
+class TuneError(UserError):
     """A study cannot be run as asked (e.g. it exists with other data); the message says what to do."""
 
 
@@ -114,25 +127,23 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
     except ConfigError as e:
         message = str(e).replace("'select_metric' parameter of TrainConfig", "metric")
         raise SpecError(f"{path}: 'metric': {message}") from None
-    seeds = raw.get("seeds", [ablations.seeds[0]])
-    if not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds)):
-        raise SpecError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
-    quick = raw.get("quick") or {}
+    seeds = check_seeds(raw.get("seeds", [ablations.seeds[0]]), path, "seeds")
+    quick = check_mapping(raw.get("quick") or {}, path, "quick", "a mapping with key 'trials'")
     check_keys(quick, ("trials",), path, "'quick'")
-    trials, quick_trials = raw.get("trials", 50), quick.get("trials", 8)
-    for key, value in (("trials", trials), ("quick.trials", quick_trials)):
-        if not (_is_int(value) and value >= 1):
-            raise SpecError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    trials = check_positive_int(raw.get("trials", 50), path, "trials")
+    quick_trials = check_positive_int(quick.get("trials", 8), path, "quick.trials")
+    study = check_name(raw["study"], path, "study")
+    experiment = check_name(raw["experiment"], path, "experiment") if raw.get("experiment") is not None else None
     compare_with = raw.get("compare_with", ["baseline", base])
     if not isinstance(compare_with, list) or any(n not in ablations.ablations for n in compare_with):
         raise SpecError(f"{path}: 'compare_with' must list ablations of {ablations_path} "
                         f"({ablations.names}); got {compare_with!r}")
-    sampler = dict(raw.get("sampler") or {})
-    pruner = dict(raw.get("pruner") or {"type": "median"})
+    sampler = dict(check_mapping(raw.get("sampler") or {}, path, "sampler", "a mapping of TPESampler arguments"))
+    pruner = dict(check_mapping(raw.get("pruner") or {"type": "median"}, path, "pruner",
+                                "a mapping with 'type' and the pruner's arguments"))
     spec = TuneSpec(
-        path=path, study=str(raw["study"]), ablations=str(ablations_path), base=base,
-        experiment=str(raw["experiment"]) if raw.get("experiment") else None, metric=metric,
-        seeds=tuple(seeds), trials=trials, quick_trials=quick_trials, sampler=sampler, pruner=pruner,
+        path=path, study=study, ablations=str(ablations_path), base=base, experiment=experiment, metric=metric,
+        seeds=seeds, trials=trials, quick_trials=quick_trials, sampler=sampler, pruner=pruner,
         storage=_parse_storage(raw.get("storage") or {}, path), compare_with=tuple(compare_with),
         space=_parse_space(raw["space"], path))
     _validate_space(spec, ablations)
@@ -150,10 +161,6 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
     return spec
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -164,7 +171,7 @@ def _parse_storage(raw: Any, path: str) -> StorageSettings:
     allowed = [f.name for f in dataclasses.fields(StorageSettings)]
     check_keys(raw, allowed, path, "'storage'")
     for k, v in raw.items():
-        if not (_is_int(v) and v >= (0 if k == "max_retry" else 1)):
+        if not (is_int(v) and v >= (0 if k == "max_retry" else 1)):
             raise SpecError(f"{path}: 'storage.{k}' must be a positive integer (seconds or a count), got {v!r}")
     return StorageSettings(**raw)
 
@@ -205,7 +212,7 @@ def _parse_space(raw: Any, path: str) -> dict[str, Param]:
         bounds = d[kind]
         hint = " (write 1.0e-4, not 1e-4: YAML reads the latter as text)" if any(
             isinstance(b, str) for b in (bounds if isinstance(bounds, list) else [])) else ""
-        ok = _is_int if kind == "int" else _is_number
+        ok = is_int if kind == "int" else _is_number
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(ok(b) for b in bounds)
                 and bounds[0] <= bounds[1]):
             raise SpecError(f"{where}: '{kind}' must be [low, high] with low <= high, {kind}s, got {bounds!r}{hint}")

@@ -6,6 +6,8 @@ several machines); both fail the trials of a dead worker after a grace period an
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 import warnings
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import optuna
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # private: the heartbeat protocol JournalStorage lacks
@@ -22,6 +25,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines import tracking
+from pipelines.errors import StoreError, UserError, check_writable_dir
 from pipelines.status import RunStatus
 
 HEARTBEAT_KEY = "heartbeat"          # trial system attr: time.time() of the last heartbeat (journal storage)
@@ -61,7 +65,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             started = t.datetime_start.timestamp() if t.datetime_start else 0.0
             if now - max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started) > self.grace_period:
-                stale.append(t._trial_id)
+                stale.append(trial_id(t))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:
@@ -74,8 +78,9 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
 
 class OnDeadTrial:
-    """Called on a trial failed for want of heartbeats: mark its MLflow run FAILED (its worker cannot),
-    then re-queue its parameters with Optuna's retry callback, up to `max_retry` times."""
+    """Called on a trial failed for want of heartbeats: mark its MLflow run FAILED (its worker cannot)
+    and its session's run KILLED if that is still RUNNING (the session died with it), then re-queue its
+    parameters with Optuna's retry callback, up to `max_retry` times."""
 
     def __init__(self, max_retry: int, grace_period: int):
         self.max_retry, self.grace_period = max_retry, grace_period
@@ -85,10 +90,16 @@ class OnDeadTrial:
         if run_id:
             try:
                 client = MlflowClient(tracking.tracking_uri())
-                if client.get_run(run_id).info.status == RunStatus.RUNNING:
+                run = client.get_run(run_id)
+                reason = f"worker died: no heartbeat for over {self.grace_period} s"
+                if run.info.status == RunStatus.RUNNING:
                     client.set_tag(run_id, "optuna_state", TrialState.FAIL.name)
-                    client.set_tag(run_id, "error", f"worker died: no heartbeat for over {self.grace_period} s")
+                    client.set_tag(run_id, "error", reason)
                     client.set_terminated(run_id, RunStatus.FAILED)
+                parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+                if parent and client.get_run(parent).info.status == RunStatus.RUNNING:
+                    client.set_tag(parent, "error", f"session died: trial {trial.number}'s {reason}")
+                    client.set_terminated(parent, RunStatus.KILLED)
             except Exception as e:  # another tracking store, or none reachable: the study is still right
                 print(f"trial {trial.number}: could not mark its MLflow run failed: {e}", file=sys.stderr)
         if self.max_retry:
@@ -128,6 +139,57 @@ def open_storage(storage: str | None, settings: StorageSettings = StorageSetting
     path.parent.mkdir(parents=True, exist_ok=True)
     return HeartbeatJournalStorage(JournalFileBackend(str(path)), settings, on_dead)
 
+
+def check_storage(storage: str | None) -> None:
+    """The study storage can be opened, before anything is created in it or elsewhere: else a
+    StoreError naming it and what is wrong."""
+    label = storage_label(storage)
+    if storage is not None and storage.startswith("sqlite:///"):
+        path = Path(storage.removeprefix("sqlite:///"))
+        if path.is_file() and path.stat().st_size and path.read_bytes()[:16] != tracking.SQLITE_HEADER:
+            raise StoreError(f"study storage {path}: is not an SQLite database; give another path")
+    if storage is not None and "://" in storage:
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(storage)
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as e:
+            hint = " (pip install psycopg2-binary)" if storage.startswith("postgres") else ""
+            raise StoreError(f"study storage {label}: cannot be opened: {type(e).__name__}: {e}{hint}") from None
+        try:
+            with engine.connect():
+                pass
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            first = str(e.orig if getattr(e, "orig", None) else e).strip().splitlines()[0]
+            raise StoreError(f"study storage {label}: cannot connect ({first})") from None
+        finally:
+            engine.dispose()
+        return
+    path = Path(storage) if storage is not None else default_storage_path()
+    if path.is_dir():
+        raise StoreError(f"study storage {path}: is a folder; give a journal file path (or a database URL)")
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                first = f.readline(1 << 20)
+        except OSError as e:
+            raise StoreError(f"study storage {path}: cannot be read ({e.strerror})") from None
+        if first and not _journal_line(first):
+            raise StoreError(f"study storage {path}: is not an Optuna journal file; give another path")
+        if not os.access(path, os.W_OK):
+            raise StoreError(f"study storage {path}: is read-only")
+    else:
+        try:
+            check_writable_dir(path.parent, "study storage folder")
+        except UserError as e:
+            raise StoreError(str(e)) from None
+
+
+def _journal_line(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
 
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:

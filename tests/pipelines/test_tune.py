@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from pipelines import tune
 from pipelines.run import main
 from pipelines.spec import SpecError
+from pipelines.tuning.storage import trial_id
 
 # Tiny models (hidden 8-16) on the quick data, one epoch: every trial takes a second or two.
 ABLATIONS = """\
@@ -220,7 +221,7 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path, store):
     client = MlflowClient(store)
     run = client.create_run(client.create_experiment("elsewhere"), run_name="trial-0")
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    dead._storage.record_heartbeat(trial._trial_id)
+    dead._storage.record_heartbeat(trial_id(trial))
     time.sleep(1.5)
     session = tune.run_study(spec, quick=True, trials=2)
     study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))

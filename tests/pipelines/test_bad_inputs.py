@@ -1,0 +1,134 @@
+"""A careless user and a flaky machine: every mistake is one line on stderr, exit 2, and nothing is
+written to any store. Each case: what the user did, the words the line must hold."""
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.run import main
+
+SPEC = "experiment: unit\nseeds: [7]\nablations:\n  baseline: {}\n"
+
+
+def _spec(tmp: Path, text: str) -> str:
+    path = tmp / "spec.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _data_with(tmp: Path, **change) -> str:
+    """A small MultiBench-layout pickle with one array of the train split replaced."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
+        splits[split] = {"vision": rng.normal(size=(n, 5, 35)).astype(np.float32),
+                         "text": rng.normal(size=(n, 5, 300)).astype(np.float32),
+                         "audio": rng.normal(size=(n, 5, 74)).astype(np.float32),
+                         "labels": rng.uniform(-3, 3, size=(n, 1, 1)).astype(np.float32),
+                         "id": np.array([f"v{i}" for i in range(n)])}
+    splits["train"].update(change)
+    path = tmp / "mosi.pkl"
+    path.write_bytes(pickle.dumps(splits))
+    return str(path)
+
+
+def _garbage(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(4096))
+    return str(path)
+
+
+# (name, setup(tmp) -> (argv, env), words expected in the one line)
+CASES = [
+    ("ablation written as a list",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC.replace("baseline: {}", "baseline: [1, 2]"))], {}),
+     "'ablations.baseline' must be a mapping"),
+    ("model section not a mapping",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC.replace("baseline: {}", "baseline: {model: 3}"))], {}),
+     "'model' must be a mapping"),
+    ("quick seeds not a list", lambda t: (["ablations", "--spec", _spec(t, SPEC + "quick: {seeds: foo}\n")], {}),
+     "'quick.seeds' must be a non-empty list of integers"),
+    ("quick seeds as text", lambda t: (["ablations", "--spec", _spec(t, SPEC + "quick: {seeds: '12'}\n")], {}),
+     "'quick.seeds' must be a non-empty list of integers"),
+    ("quick seeds empty", lambda t: (["ablations", "--spec", _spec(t, SPEC + "quick: {seeds: []}\n")], {}),
+     "'quick.seeds' must be a non-empty list"),
+    ("quick epochs zero", lambda t: (["ablations", "--spec", _spec(t, SPEC + "quick: {epochs: 0}\n")], {}),
+     "'quick.epochs' must be a positive integer"),
+    ("a seed out of range in the spec",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC.replace("[7]", "[-1]"))], {}), "in [0, 2**32)"),
+    ("experiment null", lambda t: (["ablations", "--spec", _spec(t, SPEC.replace("unit", "null"))], {}),
+     "'experiment' must be a name"),
+    ("ablation name with a slash",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC + "  a/b: {}\n")], {}), "'ablations' must be an ablation name"),
+    ("negative seed", lambda t: (["ablations", "--quick", "--seeds", "-5"], {}), "must be in [0, 2**32), got -5"),
+    ("seed not a number", lambda t: (["ablations", "--quick", "--seeds", "foo"], {}), "must be a whole number"),
+    ("zero workers", lambda t: (["ablations", "--quick", "--workers", "0"], {}), "must be at least 1"),
+    ("zero epochs", lambda t: (["ablations", "--quick", "--epochs", "0"], {}), "must be at least 1"),
+    ("negative timeout", lambda t: (["tune", "--quick", "--timeout", "-5"], {}), "positive number of seconds"),
+    ("study storage is a folder", lambda t: (["tune", "--quick", "--storage", str(t)], {}), "is a folder"),
+    ("study storage is not a journal",
+     lambda t: (["tune", "--quick", "--storage", _garbage(t / "junk.log")], {}), "is not an Optuna journal file"),
+    ("study storage is a garbage SQLite file",
+     lambda t: (["tune", "--quick", "--storage", f"sqlite:///{_garbage(t / 'optuna.db')}"], {}),
+     "is not an SQLite database"),
+    ("study storage without its driver",
+     lambda t: (["tune", "--quick", "--storage", "mysql://u@127.0.0.1/db"], {}), "cannot be opened"),
+    ("tracking store is random bytes",
+     lambda t: (["ablations", "--quick"], {"MLFLOW_TRACKING_URI": f"sqlite:///{_garbage(t / 'db' / 'mlflow.db')}"}),
+     "is not an SQLite database"),
+    ("tracking store is random bytes, tune",
+     lambda t: (["tune", "--quick"], {"MLFLOW_TRACKING_URI": f"sqlite:///{_garbage(t / 'db' / 'mlflow.db')}"}),
+     "is not an SQLite database"),
+    ("tracking store is random bytes, compare",
+     lambda t: (["compare"], {"MLFLOW_TRACKING_URI": f"sqlite:///{_garbage(t / 'db' / 'mlflow.db')}"}),
+     "is not an SQLite database"),
+    ("tracking store is a folder",
+     lambda t: (["ablations", "--quick"], {"MLFLOW_TRACKING_URI": f"sqlite:///{t}"}), "is a folder"),
+    ("report folder is a file",
+     lambda t: ((t / "work" / "reports").write_text("x") and ["ablations", "--quick"], {}), "is a file, not a folder"),
+    ("tracking server unreachable",
+     lambda t: (["ablations", "--quick"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}), "does not answer"),
+    ("data: ids are ints",
+     lambda t: (["ablations", "--quick", "--data", _data_with(t, id=np.int64(3))], {}), "'id'"),
+    ("data: sequences of 0 steps",
+     lambda t: (["ablations", "--quick", "--data", _data_with(t, audio=np.zeros((8, 0, 74), np.float32))], {}),
+     "0 steps"),
+    ("data: labels out of range",
+     lambda t: (["ablations", "--quick", "--data", _data_with(t, labels=np.full((8, 1, 1), 9.0, np.float32))], {}),
+     "[-3, 3]"),
+    ("data file missing", lambda t: (["ablations", "--quick", "--data", str(t / "nope.pkl")], {}), "no such file"),
+]
+
+
+@pytest.mark.parametrize("name, make, words", CASES, ids=[c[0] for c in CASES])
+def test_a_mistake_is_one_line_exit_2_and_nothing_is_written(name, make, words, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv, env = make(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    start = time.monotonic()
+    rc = main(argv)
+    seconds = time.monotonic() - start
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert words in err, err
+    assert "Traceback" not in err
+    assert seconds < 15, f"took {seconds:.1f} s"
+    assert not (work / "mlruns").exists(), "a store was created"     # no store, study or parent run written
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    assert after == before, "a file was created or modified"
+
+
+def test_help_still_exits_0(capsys):
+    assert main(["ablations", "--help"]) == 0
+    assert "--seeds" in capsys.readouterr().out

@@ -1,0 +1,139 @@
+"""Faults that must not end in a lie in the store: a run that trains to NaN, a study whose worker
+died, two commands on a new store at once, concurrent sessions on one machine's cores."""
+
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipelines import cores, tracking, tune
+from pipelines.run import main
+from pipelines.tuning.storage import trial_id
+
+TINY = "experiment: unit\nseeds: [7]\nbase:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\nablations:\n"
+
+
+def _children(client, experiment="unit"):
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000) if "ablation" in r.data.tags]
+
+
+def test_a_run_that_trains_to_nan_is_failed_never_cached_nor_compared(tmp_path, store, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY + "  baseline: {}\n  diverges:\n    train: {lr: 1.0e+30}\n")
+    argv = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: diverges/seed-7: NonFiniteRun: train_loss is nan at the selected epoch 1" in out
+    assert "1 trained, 0 cached, 1 failed" in out
+    runs = {r.data.tags["ablation"]: r for r in _children(MlflowClient(store))}
+    assert runs["diverges"].info.status == "FAILED"
+    assert runs["diverges"].data.tags["error"].startswith("NonFiniteRun: train_loss is nan")
+
+    assert main(argv) == 1                    # tried again, not reused as cached
+    capsys.readouterr()
+    diverged = [r for r in _children(MlflowClient(store)) if r.data.tags["ablation"] == "diverges"]
+    assert len(diverged) == 2 and {r.info.status for r in diverged} == {"FAILED"}
+
+
+def test_a_finished_run_without_a_finite_score_is_not_reused_nor_compared(store, suite_recorder):
+    import numpy as np
+
+    client, exp_id = tracking.setup("unit")
+    recorder = suite_recorder(client, exp_id)
+    labels = np.linspace(-3, 3, 20)
+    pid = recorder.parent(["baseline", "nan_run"], [1])
+    rows = [recorder.child(pid, "baseline", 1, labels, labels + 0.5),
+            recorder.child(pid, "nan_run", 1, labels, np.full(20, np.nan))]   # as runs logged before the fix
+    recorder.finish(pid, rows)
+    assert set(tracking.finished_runs(client, exp_id, ["baseline-1", "nan_run-1"])) == {"baseline-1"}
+    from pipelines.stages.compare import compare_suite
+
+    comparison, _ = compare_suite("unit", exp_id, pid)
+    assert comparison.table.loc["nan_run", "test"] == "no finished run"
+    assert any(note.startswith("nan_run/seed-1") for note in comparison.left_out)
+    from pipelines.stages.compare import format_table
+    assert "Left out: nan_run/seed-1" in format_table(comparison)
+
+
+TUNE = """study: unit
+ablations: spec.yaml
+base: baseline
+seeds: [7]
+trials: 1
+sampler: {seed: 1}
+storage: {heartbeat_interval: 1, grace_period: 1, max_retry: 1}
+compare_with: [baseline]
+space:
+  train.lr: {float: [1.0e-3, 1.0e-2], log: true}
+"""
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_study_whose_session_died_completes_on_the_next_run(tmp_path, store):
+    (tmp_path / "spec.yaml").write_text(TINY + "  baseline: {}\n" + "quick: {epochs: 1, seeds: [7]}\n")
+    (tmp_path / "tune.yaml").write_text(TUNE)
+    spec = tune.load_tune_spec(tmp_path / "tune.yaml")
+    # A session that was killed (SIGKILL) mid-trial: its run and trial run left RUNNING, one heartbeat.
+    dead = optuna.create_study(study_name="unit-quick", direction="maximize",
+                               storage=tune.open_storage(None, spec.storage))
+    trial = dead.ask()
+    tune.sample(trial, spec.space)
+    client, exp_id = tracking.setup("unit")
+    session = tracking.start_run(client, exp_id, "tune unit-quick", tags={"tune_study": "unit-quick"})
+    trial_run = tracking.start_run(client, exp_id, "trial-0", tags={"optuna_trial": "0"}, parent_run_id=session)
+    trial.set_user_attr("mlflow_run_id", trial_run)
+    dead._storage.record_heartbeat(trial_id(trial))
+    time.sleep(1.5)
+    # Its one FAIL reaches --trials 1; the re-queued trial runs all the same, so the study completes.
+    done = tune.run_study(spec, quick=True, trials=1)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert done.best is not None and done.best.number == 1
+    assert client.get_run(trial_run).info.status == "FAILED"
+    killed = client.get_run(session)                                  # the dead session's run is not left RUNNING
+    assert killed.info.status == "KILLED" and "session died" in killed.data.tags["error"]
+
+
+def test_the_core_share_counts_every_live_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSA_CORES_LEDGER", str(tmp_path / "ledger"))
+    me = os.getpid()
+    assert cores.share(1, cores=2, claims={}) == 2                     # alone: every core
+    assert cores.share(2, cores=2, claims={}) == 1                     # two workers of ours: one each
+    assert cores.share(1, cores=2, claims={12345: 1}) == 1             # another session: half each
+    assert cores.share(1, cores=2, claims={12345: 4}) == 1             # never less than one thread
+    assert cores.share(1, cores=16, claims={12345: 1, 23456: 2, me: 1}) == 4   # ours counted once
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "ledger").mkdir()
+        (tmp_path / "ledger" / f"{other.pid}.json").write_text('{"workers": 1}')
+        (tmp_path / "ledger" / "999999.json").write_text('{"workers": 5}')   # a dead command's entry
+        with cores.claim(1):
+            assert cores.live_claims() == {other.pid: 1, me: 1}
+            assert cores.share(1, cores=2) == 1
+        assert cores.live_claims() == {other.pid: 1}                   # released; the dead entry is gone
+        assert not (tmp_path / "ledger" / "999999.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_two_commands_on_a_new_store_at_once_both_succeed(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY + "  baseline: {}\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+           "MSA_CACHE": str(tmp_path / "cache"), "MSA_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--spec", str(spec), "--quick", "--epochs", "1",
+           "--workers", "1"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("unit")
+    assert "RUNNING" not in {r.info.status for r in client.search_runs([exp.experiment_id])}
