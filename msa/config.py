@@ -164,6 +164,11 @@ class TrainConfig:
     patience: int | None = None                # early stopping on the selection metric; None = off
     select_metric: str = "Corr"                # validation metric that picks the checkpoint
     eval_batch_size: int = 256                 # inference only; does not change results beyond float rounding
+    precision: str = "fp32"                    # bf16: the forward pass autocast to bfloat16 where the hardware
+                                               # has it (weights, optimiser and loss stay fp32); else fp32
+
+    # Left out of the identity while at their default, so runs recorded before they existed keep theirs.
+    _ADDED_LATER = ("precision",)
 
     _CONSTRAINTS = {
         "loss": _one_of("mse", "l1", "huber"),
@@ -177,6 +182,7 @@ class TrainConfig:
         "patience": _optional(_int_range(1)),
         "select_metric": _one_of(*METRIC_NAMES, "val_loss"),
         "eval_batch_size": _int_range(1),
+        "precision": _one_of("fp32", "bf16"),
     }
 
     def __post_init__(self):

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -91,19 +92,52 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# --- precision --------------------------------------------------------------------------------------
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix work is native here, so autocast makes it faster: a CUDA device with bf16
+    (Ampere and later), or a CPU with AVX-512 BF16 or AMX. Elsewhere it is emulated, i.e. slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:  # not Linux: no reliable way to tell, so never risk a slower run
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device, supported: bool | None = None) -> str:
+    """The precision a run trains in: bf16 only where the hardware has it (`supported`, by default
+    `bf16_supported(device)`); else fp32, with one warning line, never silently slower."""
+    if requested == "bf16" and not (bf16_supported(device) if supported is None else supported):
+        warnings.warn(f"bf16 was asked for, but this {device.type} has no native bf16 (it would run slower): "
+                      "training in fp32", RuntimeWarning, stacklevel=2)
+        return "fp32"
+    return requested
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context: bf16 where asked for, a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 # --- inference --------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, modalities: Sequence[str] | None = None,
-            batch_size: int = 256, device: torch.device | str | None = None) -> np.ndarray:
+            batch_size: int = 256, device: torch.device | str | None = None, precision: str = "fp32") -> np.ndarray:
     """(N,) float32 predictions for every row of `split`, in order, in eval mode and without grad."""
     modalities = tuple(modalities or model.modalities)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        out = [model(*(x.to(device) for x in split.inputs(modalities, slice(i, i + batch_size)))).view(-1)
-               for i in range(0, len(split), batch_size)]
+        with autocast(device, precision):
+            out = [model(*(x.to(device) for x in split.inputs(modalities, slice(i, i + batch_size)))).view(-1)
+                   for i in range(0, len(split), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out).float().cpu().numpy()
@@ -126,6 +160,7 @@ class FitResult:
     n_params: int                          # trainable parameters
     stopped_early: bool                    # ended before `epochs` (patience or the callback)
     stop_reason: str | None                # 'patience', 'callback', or None when all epochs ran
+    precision: str                         # what it trained in: fp32, or bf16 where asked for and native
     model: nn.Module                       # the model, with best_state loaded, on the training device
 
 
@@ -141,6 +176,7 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
     """
     mcfg, tcfg = run_config.model, run_config.train
     device = torch.device(device) if device is not None else default_device()
+    precision = resolve_precision(tcfg.precision, device)
     with _torch_settings(threads):
         seed_everything(seed)
         model = build_model(mcfg, data.dims).to(device)
@@ -173,8 +209,9 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
             # synchronise (and on CPU costs a little) for a number nobody looks at until the end.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for index in order.split(tcfg.batch_size):
-                pred = model(*(x[index] for x in x_train))  # (B,)
-                loss = criterion(pred.view(-1), y_train[index])
+                with autocast(device, precision):
+                    pred = model(*(x[index] for x in x_train))  # (B,)
+                loss = criterion(pred.float().view(-1), y_train[index])  # in fp32 whatever the forward ran in
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tcfg.grad_clip is not None:
@@ -185,7 +222,7 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
                 loss_sum += loss.detach()
             train_loss = loss_sum.item() / batches  # mean of batch losses, as the lab prints it
 
-            val_pred = predict(model, valid, modalities, tcfg.eval_batch_size, device)
+            val_pred = predict(model, valid, modalities, tcfg.eval_batch_size, device, precision)
             # One loss over the whole split (the lab averages per-batch means; these differ only
             # through its short last batch).
             val_loss = criterion(torch.from_numpy(val_pred).to(device), y_valid).item()
@@ -214,11 +251,11 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
         test_metrics = test_pred = None
         if evaluate_test:
             test = data["test"]
-            test_pred = predict(model, test, modalities, tcfg.eval_batch_size, device)
+            test_pred = predict(model, test, modalities, tcfg.eval_batch_size, device, precision)
             test_loss = criterion(torch.from_numpy(test_pred), test.labels).item()
             test_metrics = eval_mosi_regression(test_pred, test.labels.numpy()) | {"loss": test_loss}
 
     return FitResult(history=history, best_epoch=best_epoch, best_state=best_state, best_value=best_value,
                      val_metrics=val_metrics, val_pred=best_val_pred, test_metrics=test_metrics,
                      test_pred=test_pred, n_params=count_parameters(model),
-                     stopped_early=stop_reason is not None, stop_reason=stop_reason, model=model)
+                     stopped_early=stop_reason is not None, stop_reason=stop_reason, precision=precision, model=model)

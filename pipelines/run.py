@@ -38,8 +38,11 @@ def _ablations(args: argparse.Namespace) -> int:
 
     # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
     only = [n for n in args.only if n != TUNED] if args.only else None
-    spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
+    spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick,
+                              precision=args.precision)
     _check_outputs(REPORTS / spec.experiment)
+    if args.precision == "bf16":
+        _say_if_bf16_falls_back()
     data = prepare(args.data or spec.data, quick=args.quick)
     extra = {}
     if not args.only or TUNED in args.only:
@@ -71,6 +74,9 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: 2 epochs, one seed, and small synthetic data with the real dims "
                         "(a --data file is used whole)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="train.precision of every run (default: the spec's, fp32): bf16 autocasts the forward "
+                        "pass where the hardware has bf16, else warns and trains in fp32")
     p.set_defaults(func=_ablations)
 
 
@@ -85,6 +91,16 @@ def _check_outputs(reports: Path, storage: str | None = None, *, study: bool = F
         from pipelines.tuning import check_storage
 
         check_storage(storage)
+
+
+def _say_if_bf16_falls_back() -> None:
+    """Once per command, not once per run: the runs record it in their `precision_used` tag."""
+    from msa.training import bf16_supported, default_device
+
+    device = default_device()
+    if not bf16_supported(device):
+        print(f"warning: bf16 was asked for, but this {device.type} has no native bf16 (it would run slower): "
+              "every run trains in fp32", file=sys.stderr)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ class SuiteResult:
 
 
 def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Sequence[int] | None,
-                 epochs: int | None, quick: bool) -> Spec:
+                 epochs: int | None, quick: bool, precision: str | None = None) -> Spec:
     """The spec with the profile and command-line overrides applied (command line wins)."""
     spec = load_spec(spec_path).select(only)
     if quick:
@@ -74,6 +74,8 @@ def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Se
         spec = _with_seeds(spec, spec.quick.get("seeds", [spec.seeds[0]]))
     if epochs is not None:
         spec = spec.with_train(epochs=epochs)
+    if precision is not None:
+        spec = spec.with_train(precision=precision)
     if seeds:
         spec = _with_seeds(spec, seeds)
     return spec

@@ -123,7 +123,9 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
                       "seconds": metrics.get("epoch_seconds")})
 
     try:
-        result = fit(cfg, data, seed=task.seed, callback=on_epoch, threads=threads, evaluate_test=False)
+        with warnings.catch_warnings():  # the command said it once; each run records it as precision_used
+            warnings.filterwarnings("ignore", message="bf16 was asked for", category=RuntimeWarning)
+            result = fit(cfg, data, seed=task.seed, callback=on_epoch, threads=threads, evaluate_test=False)
         model = result.model.cpu().eval()
         test_metrics, predictions = evaluate(model, data["test"], cfg.train.eval_batch_size)
         problem = non_finite(result, test_metrics, cfg.train.select_key)
@@ -132,6 +134,7 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
         tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in test_metrics.items()}
                              | {"best_epoch": result.best_epoch, "n_params": result.n_params})
         client.set_tag(run_id, "stopped_early", str(result.stopped_early).lower())
+        client.set_tag(run_id, "precision_used", result.precision)  # bf16 falls back to fp32 where not native
         _add_graph(client, run_id, log_epoch.tb, model, data)
     finally:
         log_epoch.close()

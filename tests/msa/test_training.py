@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import msa.training as training
-from msa.config import MODALITIES, ModelConfig, RunConfig, TrainConfig
+from msa.config import MODALITIES, ConfigError, ModelConfig, RunConfig, TrainConfig
 from msa.metrics import METRIC_NAMES
 from msa.models import build_model, count_parameters
 from msa.training import FitResult, fit, make_loss, predict, seed_everything
@@ -237,3 +237,42 @@ def test_predict_does_not_depend_on_the_batch_size_and_keeps_the_mode(tiny_data)
     b = predict(model, tiny_data["test"], ("vision", "text", "audio"), batch_size=256, device="cpu")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert a.shape == (24,) and model.training
+
+
+# --- precision --------------------------------------------------------------------------------------
+
+def test_bf16_where_it_is_not_native_warns_once_and_trains_in_fp32_exactly(tiny_data):
+    from msa.training import resolve_precision
+
+    with pytest.warns(RuntimeWarning, match="training in fp32"):
+        assert resolve_precision("bf16", torch.device("cpu"), supported=False) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu"), supported=True) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu"), supported=True) == "fp32"
+    if training.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has native bf16: the fallback cannot happen here")
+    fp32 = fit(run(epochs=2), tiny_data, seed=0, evaluate_test=False)
+    with pytest.warns(RuntimeWarning, match="no native bf16") as caught:
+        asked = fit(run(epochs=2, precision="bf16"), tiny_data, seed=0, evaluate_test=False)
+    assert len(caught) == 1 and asked.precision == "fp32"
+    assert comparable(asked.history) == comparable(fp32.history)        # the fp32 run, bit for bit
+
+
+def test_bf16_trains_under_autocast_with_fp32_weights_and_loss(tiny_data, monkeypatch):
+    monkeypatch.setattr(training, "bf16_supported", lambda device: True)   # emulated here, but the same path
+    result = fit(run(epochs=2, precision="bf16"), tiny_data, seed=0)
+    fp32 = fit(run(epochs=2), tiny_data, seed=0)
+    assert result.precision == "bf16"
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert result.test_pred.dtype == np.float32
+    assert comparable(result.history) != comparable(fp32.history)       # it did run in bf16
+    assert abs(result.history[-1]["train_loss"] - fp32.history[-1]["train_loss"]) < 0.5
+
+
+def test_precision_is_part_of_a_runs_identity_only_when_asked_for():
+    from msa.config import RunConfig
+
+    assert RunConfig().config_hash() == RunConfig.from_dict({"train": {"precision": "fp32"}}).config_hash()
+    assert RunConfig().config_hash() != RunConfig.from_dict({"train": {"precision": "bf16"}}).config_hash()
+    with pytest.raises(ConfigError, match="'precision' parameter of TrainConfig must be one of 'fp32', 'bf16'"):
+        RunConfig.from_dict({"train": {"precision": "fp16"}})

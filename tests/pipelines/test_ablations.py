@@ -232,3 +232,20 @@ def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path,
     assert sorted(r.data.tags["seed"] for r in finished) == seeds               # one each, no duplicate
     assert {r.info.status for r in children} == {"FINISHED", "KILLED"}
     assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 30 for r in finished)
+
+
+def test_precision_is_plumbed_into_every_run_and_its_fallback_recorded(tmp_path, store, capsys):
+    import torch as _torch
+
+    from msa.training import bf16_supported
+
+    spec = _write_spec(tmp_path, "  baseline: {}\n", extra="base:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\n")
+    argv = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1", "--precision", "bf16"]
+    assert main(argv) == 0
+    run = _children(MlflowClient(store), "unit")[0]
+    native = bf16_supported(_torch.device("cpu"))
+    assert run.data.params["train.precision"] == "bf16"                       # part of the run's identity
+    assert run.data.tags["precision_used"] == ("bf16" if native else "fp32")
+    if not native:
+        err = capsys.readouterr().err
+        assert err.count("no native bf16") == 1 and "warning: bf16 was asked for" in err
