@@ -67,9 +67,20 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
         # cuBLAS needs this before its first use to be reproducible; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: a CUDA op without a deterministic kernel warns instead of aborting the run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _set_deterministic(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+
+
+def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
+    """torch.use_deterministic_algorithms, without the import of torch._inductor's config that it
+    makes to inform torch.compile (which msa never uses): that import cost about 1 s on every
+    process's first run. The switch itself is the one call below."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # a torch that moved it: the public way, import included
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
 
 
 @contextlib.contextmanager
@@ -84,7 +95,7 @@ def _torch_settings(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        _set_deterministic(saved[1], warn_only=saved[2])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3], saved[4]
 
 
