@@ -123,17 +123,28 @@ def test_the_core_share_counts_every_live_command(tmp_path, monkeypatch):
         other.wait()
 
 
+FIRST_USE = """
+import sys
+from pipelines import tracking
+from pipelines.stages.prepare import prepare
+
+data = prepare("synthetic", quick=True)
+client, exp_id = tracking.setup("unit")              # the schema and the experiment, created at once
+run_id = tracking.start_run(client, exp_id, "suite", tags={"suite": "ablations"})
+with tracking.recorded_run(client, run_id):
+    tracking.log_dataset(client, run_id, data)        # the dataset's first insert, at once
+print(run_id)
+"""
+
+
 def test_two_commands_on_a_new_store_at_once_both_succeed(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(TINY + "  baseline: {}\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
            "MSA_CACHE": str(tmp_path / "cache"), "MSA_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--spec", str(spec), "--quick", "--epochs", "1",
-           "--workers", "1"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("unit")
-    assert "RUNNING" not in {r.info.status for r in client.search_runs([exp.experiment_id])}
+    runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.inputs.dataset_inputs for r in runs)
