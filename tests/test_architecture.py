@@ -12,7 +12,7 @@ LAYERS = [
     ("msa",),
     ("pipelines.status",),
     ("pipelines.tracking", "pipelines.executor", "pipelines.spec", "pipelines.progress"),
-    ("pipelines.stages", "pipelines.comparison"),
+    ("pipelines.stages", "pipelines.comparison", "pipelines.parent", "pipelines.registry"),
     ("pipelines.suite",),
     ("pipelines.tuning", "pipelines.tune"),
     ("pipelines.run", "pipelines"),  # the package itself: an empty __init__

@@ -1,5 +1,7 @@
 """Pipeline tests run against a temporary tracking store and data cache, never the user's."""
 
+import json
+
 import pytest
 
 
@@ -58,6 +60,23 @@ class SuiteRecorder:
         self.client.set_terminated(rid, "FINISHED")
         return SuiteRow(ablation, seed, key, rid, RunStatus.FINISHED, test)
 
+    def validated(self, run_id: str, key: str, by_epoch: dict[int, float], best_epoch: int) -> None:
+        """Log a validation curve (epoch -> value) and the epoch whose checkpoint the run kept."""
+        from mlflow.entities import Metric
+
+        self.client.log_batch(run_id, metrics=[Metric(key, v, 0, e) for e, v in by_epoch.items()]
+                              + [Metric("best_epoch", best_epoch, 0, 0)])
+
+    def model(self, run_id: str, ablation: str, seed: int, data, *, model: dict | None = None) -> str:
+        """Log a small untrained msa model on the run exactly as a suite's worker does; returns its model id."""
+        from msa.config import RunConfig
+        from msa.models import build_model
+        from pipelines.stages.train import RunTask, _log_model
+
+        config = RunConfig.from_dict({"model": {"hidden": 8, "ff_dim": 16, **(model or {})}})
+        task = RunTask(ablation, seed, config, f"{ablation}-{seed}", self.experiment_id, None, "")
+        return _log_model(run_id, task, build_model(config.model, data.dims).eval(), data, config.flat())
+
     @staticmethod
     def failed(ablation: str, seed: int, error: str = "RuntimeError: boom"):
         from pipelines.status import RunStatus
@@ -66,8 +85,6 @@ class SuiteRecorder:
         return SuiteRow(ablation, seed, f"{ablation}-{seed}", None, RunStatus.FAILED, {}, error)
 
     def finish(self, parent_id: str, rows) -> None:
-        import json
-
         from pipelines.suite import SUITE_FILE
 
         self.client.log_text(parent_id, json.dumps([r.to_json() for r in rows]), SUITE_FILE)
@@ -79,3 +96,4 @@ def suite_recorder():
     """`suite_recorder(client, experiment_id)`: a SuiteRecorder on that store (shared by every test
     that needs a recorded suite without training one)."""
     return SuiteRecorder
+
