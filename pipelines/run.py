@@ -80,7 +80,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     try:
         client, experiment_id = stage.open_experiment(args.experiment, suite_run_id=args.suite, spec_path=args.spec)
-        comparison = stage.compare(client, experiment_id, suite_run_id=args.suite)
+        # A named suite's report is rebuilt in its own folder; only the newest suite's becomes `latest`.
+        comparison = stage.compare(client, experiment_id, suite_run_id=args.suite, latest=args.suite is None)
     except stage.CompareError as e:
         raise UserError(str(e)) from None
     print(stage.format_table(comparison))
@@ -93,10 +94,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a suite's ablations with the baseline (no training)",
                        description="Rebuild the comparison of the latest suite (or --suite) from the tracking "
                                    "store alone: a table on the terminal, and comparison.csv, comparison.md and "
-                                   "report.html in reports/<experiment>/ (a tune suite's: reports/<experiment>/tune/), "
-                                   "also logged on the suite's run.")
+                                   "report.html in reports/<experiment>/<suite label>/ (the latest suite's also in "
+                                   "reports/<experiment>/latest/), also logged on the suite's run.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
-    p.add_argument("--suite", metavar="RUN_ID", help="the suite's parent run id (default: the latest suite)")
+    p.add_argument("--suite", metavar="RUN_ID|LABEL",
+                   help="the suite's parent run id, or its label (its folder under reports/<experiment>/; "
+                        "default: the latest suite)")
     p.add_argument("--spec", metavar="FILE", help="spec whose experiment is the default (default: ablations.yaml)")
     p.set_defaults(func=_compare)
 
