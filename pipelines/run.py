@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from msa.config import ConfigError
 from msa.data import DataError
@@ -104,6 +105,58 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_compare)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from msa.metrics import METRIC_NAMES
+    from pipelines.comparison import SYNTHETIC_BANNER
+    from pipelines.stages import predict as stage
+    from pipelines.stages.prepare import prepare
+
+    out = Path(args.out)
+    if not out.parent.is_dir() or out.is_dir():
+        raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
+    data = prepare(args.data, quick=args.quick, partial=True)
+    try:
+        done = stage.predict_data(args.model, data, args.split)
+    except stage.PredictError as e:
+        raise UserError(str(e)) from None
+    synthetic = f"  [{SYNTHETIC_BANNER}]" if data.synthetic else ""
+    print(f"Model: {done.model}")
+    print(f"Data:  {data.summary().splitlines()[0]}")
+    for note in done.notes:
+        print(note)
+    for split, metrics in done.metrics.items():
+        print(f"{split} ({len(data[split])} samples): "
+              + "  ".join(f"{m} {metrics[m]:.4f}" for m in METRIC_NAMES if m in metrics) + synthetic)
+    if not done.metrics:
+        print("no labels in the file: predictions only")
+    try:
+        done.table.to_csv(out, index=False)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    print(f"Wrote {len(done.table)} predictions ({', '.join(done.table.columns)}) to {out}{synthetic}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from pipelines.stages.predict import SPLITS, URI_FORMS
+
+    p = sub.add_parser("predict", help="apply a logged or registered model to a data file",
+                       description="Load a model from the tracking store (the champion: "
+                                   "models:/<experiment>@champion), "
+                                   "check the file's dims against the model's signature, and write one prediction "
+                                   "per sample (id, prediction, and label when the file has labels) to a CSV; print "
+                                   "the metrics when it has labels. The file is read with the same restricted "
+                                   "loader as every pipeline; the model is a pickle, so load only models from a "
+                                   "store you trust.")
+    p.add_argument("--model", required=True, metavar="URI", help=f"the model: {URI_FORMS}")
+    p.add_argument("--data", default="synthetic", metavar="PATH|synthetic",
+                   help="a MOSI pickle (any of its splits; labels optional), or 'synthetic' (default)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which split to predict (default: test)")
+    p.add_argument("--out", default="predictions.csv", metavar="FILE", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--quick", action="store_true", help="the small synthetic data of `ablations --quick`")
+    p.set_defaults(func=_predict)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -182,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The pipelines after prepare, each registering its sub-command.
-_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare, _add_tune]
+_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare, _add_tune,
+                                                                         _add_predict]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
