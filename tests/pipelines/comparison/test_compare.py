@@ -239,3 +239,19 @@ def test_cli_errors_are_one_line(in_store, capsys, tmp_path, monkeypatch):
     assert "no tracking store at" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()                              # looking never creates a store
 
+
+def test_report_renders_in_a_real_browser(made, browser, tmp_path):
+    """report.html in headless Chromium: no console error, every chart decodes, the tables hold every ablation."""
+    page = made["c"].paths["report.html"]
+    assert browser.open(page.as_uri()) == []
+    images = browser.evaluate("Promise.all([...document.images].map(i => i.decode().then("
+                              "() => [i.alt, i.naturalWidth, i.naturalHeight], () => [i.alt, 0, 0])))")
+    assert len(images) >= 6 and all(w > 0 and h > 0 for _, w, h in images), images
+    tables = browser.evaluate("[...document.querySelectorAll('table')].map(t => "
+                              "[...t.tBodies[0].rows].map(r => r.cells[0].textContent))")
+    assert tables[0] == [*ORDER, "oracle"] and tables[-1] == [*ORDER, "oracle"]   # test metrics; all metrics
+    assert set(tables[1]) == set(made["c"].modality_subsets)                        # which modalities matter
+    assert browser.evaluate("document.querySelector('.banner').textContent").startswith(SYNTHETIC_BANNER)
+    browser.screenshot(tmp_path / "report.png", full_page=True)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert browser.drain() == []                                                     # nothing failed late either
