@@ -61,7 +61,7 @@ def describe(client: MlflowClient, run_id: str, *, experiment: str, experiment_i
     if synthetic:
         data += ", **SYNTHETIC** MOSI-like data: its numbers are not MOSI results"
     lines = [
-        f"**Suite `{label}`**: {len(ablations)} ablations x {len(seeds)} seeds "
+        f"**Suite `{label}`**: {len(ablations)} ablations x {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
         f"({', '.join(map(str, seeds))}), epochs {epochs}, spec `{spec_path}`, data {data}, "
         f"code `{tracking.code_version()}`.",
         "",
@@ -94,7 +94,7 @@ def describe(client: MlflowClient, run_id: str, *, experiment: str, experiment_i
         if elsewhere:
             lines += ["", "Reused from earlier suites (nested there, not here):", *elsewhere]
     if champion:
-        lines += ["", f"**Champion:** {champion}"]
+        lines += ["", f"**Champion:** {champion.removeprefix('champion: ')}"]
     client.set_tag(run_id, MLFLOW_RUN_NOTE, "\n".join(lines))
 
 

@@ -8,6 +8,7 @@ synthetic sizes) the scores are not comparable, so the newest suite's choice tak
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from msa.metrics import is_better
 
@@ -69,7 +71,7 @@ class Champion:
     def line(self) -> str:
         what = "champion" if self.moved else "champion unchanged (it scores better on this data)"
         return (f"{what}: {self.uri} = version {self.version}, {self.ablation}/seed-{self.seed} "
-                f"(validation {self.metric} {self.mean:.4f} ± {self.std:.4f} over {self.n} seeds)")
+                f"(validation {self.metric} {self.mean:.4f} ± {self.std:.4f} over {_seeds(self.n)})")
 
 
 def choose(candidates: Iterable[Candidate]) -> Candidate | None:
@@ -158,6 +160,7 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
                                               description=_description(best, seed, select_key, synthetic,
                                                                        suite_label, data_digest),
                                               model_id=model_id).version
+        _link(client, model_id, experiment, str(version))
     else:
         for k, v in tags.items():
             client.set_model_version_tag(experiment, version, k, v)
@@ -208,6 +211,16 @@ def _version_of(client: MlflowClient, name: str, model_id: str) -> str | None:
     return None
 
 
+def _link(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """List the version on the logged model, as `mlflow.register_model` and a tracking server do, so the
+    model's page shows it as registered (a client on a SQLite store does not do it by itself)."""
+    model = client.get_logged_model(model_id)
+    versions = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if {"name": name, "version": version} not in versions:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*versions, {"name": name, "version": version}])})
+
+
 def _model_of(version) -> str | None:
     # A SQLite store returns no model_id on a version; its source `models:/<model id>` names it.
     return getattr(version, "model_id", None) or version.source.removeprefix("models:/")
@@ -215,12 +228,17 @@ def _model_of(version) -> str | None:
 
 def _description(best: Candidate, seed: int, key: str, synthetic: bool, suite: str, digest: str) -> str:
     lines = [f"`{best.ablation}`, seed {seed}: the best mean validation {key} of suite `{suite}` "
-             f"({best.mean:.4f} ± {best.std:.4f} over {len(best.scores)} seeds; this seed {best.scores[seed][1]:.4f}).",
+             f"({best.mean:.4f} ± {best.std:.4f} over {_seeds(len(best.scores))}; this seed "
+             f"{best.scores[seed][1]:.4f}).",
              "Chosen on the validation split only; the test split took no part in the choice.",
              f"Data digest {digest}."]
     if synthetic:
         lines.insert(0, "**SYNTHETIC data** (msa.synthetic, MOSI-like): its scores are not MOSI results.")
     return "\n\n".join(lines)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
 
 
 def describe_tags(tags: Mapping[str, str]) -> str:

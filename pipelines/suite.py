@@ -206,7 +206,9 @@ def report(result: SuiteResult, comparison: Comparison | None = None, note: str 
     stream = stream or sys.stdout
     if comparison is not None:
         print(format_table(comparison), file=stream)
-        print(f"\nReport: {comparison.paths['report.html']} (also comparison.csv, comparison.md)", file=stream)
+        report_dir = comparison.paths["report.html"].parent
+        print(f"\nReport: {report_dir / 'report.html'} (also comparison.csv, comparison.md; a copy in "
+              f"{report_dir.parent / 'latest'})", file=stream)
     elif note:
         print(note, file=sys.stderr)
     for r in result.failed:

@@ -176,7 +176,8 @@ class Chromium:
         """Load `url` and wait for its load event; returns the page's errors so far (console errors,
         uncaught exceptions, failed resource loads), one line each."""
         self.errors: list[str] = []
-        self.send("Page.navigate", session=True, url=url)
+        if "loaderId" not in self.send("Page.navigate", session=True, url=url):
+            return self.drain()  # a same-document navigation (another #route of a single-page app): no load event
         deadline = time.monotonic() + timeout
         while True:
             try:

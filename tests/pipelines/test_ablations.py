@@ -141,8 +141,8 @@ def test_rerun_of_a_finished_suite_trains_nothing_and_resumes_its_parent(quick_s
     rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "suite.json")).read_text())
     assert {r["status"] for r in rows} == {"CACHED"}
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith(f"**Suite `{parent.data.tags['suite_label']}`**: 13 ablations x 1 seeds")
-    assert "SYNTHETIC" in note and "13 already done" in note and "**Champion:** champion" in note
+    assert note.startswith(f"**Suite `{parent.data.tags['suite_label']}`**: 13 ablations x 1 seed (1111)")
+    assert "SYNTHETIC" in note and "13 already done" in note and "**Champion:** models:/msa-ablations@champion" in note
     reports = quick_suite["tmp"] / "reports" / "msa-ablations"
     assert sorted(p.name for p in reports.iterdir()) == sorted([parent.data.tags["suite_label"], "latest"])
     assert (reports / "latest" / "report.html").read_bytes() == \

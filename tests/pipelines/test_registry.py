@@ -82,6 +82,8 @@ def test_the_best_validation_ablation_is_registered_not_the_best_test_one(regist
     assert tags["data_digest"] == registered["data"].digest and tags["suite_run"] == registered["pid"]
     assert tags["validation_metric"] == "val_Corr" and tags["validation"] == "0.5900 ± 0.0283 (n=2)"
     assert "SYNTHETIC" in version.description and "validation split only" in version.description
+    model = client.get_logged_model(registry.logged_model_id(client, client.get_run(version.run_id)))
+    assert model.tags["mlflow.modelVersions"] == '[{"name": "unit-registry", "version": "1"}]'  # UI: registered
     assert registered["line"].startswith("champion: models:/unit-registry@champion = version 1, text_only/seed-1")
 
 
