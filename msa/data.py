@@ -12,6 +12,9 @@ What a file must hold, checked at load so that a bad file fails here, in one lin
   most MAX_ABS_FEATURE in size: larger ones are refused, since their float32 squares (LayerNorm's
   variance, Adam's moments) overflow and a run would silently zero the modality or train to NaN;
 - ids (optional) strings, byte strings (decoded) or integers (written as decimals), one row per sample.
+
+A file to predict on (`load(path, partial=True)`) may hold any of the three splits, and no labels: its
+labels are then NaN and `Split.has_labels` is False.
 """
 
 from __future__ import annotations
@@ -55,12 +58,16 @@ class Split:
 
     name: str
     features: dict[str, torch.Tensor]       # modality -> (N, T, D) float32, zero-padded steps kept
-    labels: torch.Tensor                    # (N,) float32 in [-3, 3]
+    labels: torch.Tensor                    # (N,) float32 in [-3, 3]; NaN in a file without labels
     ids: list[str]
     oracle: torch.Tensor | None = None      # (N,) noise-free expected label; synthetic data only
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def has_labels(self) -> bool:
+        return not bool(torch.isnan(self.labels).any())
 
     def inputs(self, modalities: Sequence[str], index: torch.Tensor | slice | None = None) -> list[torch.Tensor]:
         """The feature tensors of `modalities` (in that order) for the rows in `index` (all rows if None)."""
@@ -85,11 +92,15 @@ class MOSIData:
 
     @property
     def dims(self) -> dict[str, int]:
-        return {m: int(t.shape[-1]) for m, t in self.splits["train"].features.items()}
+        return {m: int(t.shape[-1]) for m, t in self._first.features.items()}
 
     @property
     def seq_lens(self) -> dict[str, int]:
-        return {m: int(t.shape[1]) for m, t in self.splits["train"].features.items()}
+        return {m: int(t.shape[1]) for m, t in self._first.features.items()}
+
+    @property
+    def _first(self) -> Split:
+        return self.splits.get("train") or next(iter(self.splits.values()))  # a partial file may lack train
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -104,7 +115,7 @@ class MOSIData:
         """Content hash of every feature, label and id, after cleaning: what a run trained on."""
         if self._digest is None:
             h = hashlib.sha256()
-            for name in SPLITS:
+            for name in (n for n in SPLITS if n in self.splits):
                 s = self.splits[name]
                 h.update(name.encode())
                 for m in MODALITIES:
@@ -124,10 +135,14 @@ class MOSIData:
         lines.append("  splits:    " + ", ".join(f"{k} {v}" for k, v in self.sizes.items()))
         lines.append("  features:  " + ", ".join(
             f"{m} (T={self.seq_lens[m]}, D={self.dims[m]})" for m in self.dims))
-        lo = min(float(s.labels.min()) for s in self.splits.values())
-        hi = max(float(s.labels.max()) for s in self.splits.values())
-        lines.append(f"  labels:    [{lo:.3f}, {hi:.3f}]")
-        for name in SPLITS:
+        labelled = [s for s in self.splits.values() if s.has_labels]
+        if labelled:
+            lo = min(float(s.labels.min()) for s in labelled)
+            hi = max(float(s.labels.max()) for s in labelled)
+            lines.append(f"  labels:    [{lo:.3f}, {hi:.3f}]")
+        else:
+            lines.append("  labels:    none")
+        for name in (n for n in SPLITS if n in self.splits):
             counts = self.cleaned.get(name, {})
             total = sum(counts.values())
             detail = ", ".join(f"{m} {n}" for m, n in counts.items() if n) or "none"
@@ -201,25 +216,29 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: too large to read into memory ({os.path.getsize(path)} bytes)") from None
 
 
-def load(path: str | os.PathLike) -> MOSIData:
-    """Read a MOSI pickle in any known layout, validate it and clean non-finite features."""
+def load(path: str | os.PathLike, *, partial: bool = False) -> MOSIData:
+    """Read a MOSI pickle in any known layout, validate it and clean non-finite features. `partial`: a
+    file to predict on, which may hold only some of the splits and no labels."""
     raw = safe_load_pickle(path)
-    return from_raw(raw, source=str(path))
+    return from_raw(raw, source=str(path), partial=partial)
 
 
-def from_raw(raw: Any, source: str, *, synthetic: bool = False) -> MOSIData:
+def from_raw(raw: Any, source: str, *, synthetic: bool = False, partial: bool = False) -> MOSIData:
     """Validate and clean a loaded `{split: {key: array}}` mapping. Dims are read, never assumed."""
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: expected a dict of splits {list(SPLITS)}, got {type(raw).__name__}")
     for name in SPLITS:
-        if name not in raw:
+        if name not in raw and not partial:
             raise DataError(f"{source}: missing split '{name}' (found {sorted(map(str, raw))}; "
                             f"expected {list(SPLITS)})")
+    present = [name for name in SPLITS if name in raw]
+    if not present:
+        raise DataError(f"{source}: no split {list(SPLITS)} in it (found {sorted(map(str, raw))})")
     splits: dict[str, Split] = {}
     cleaned: dict[str, dict[str, int]] = {}
     layout = "synthetic" if synthetic else None
-    for name in SPLITS:
-        split, counts, split_layout = _read_split(raw[name], name, source)
+    for name in present:
+        split, counts, split_layout = _read_split(raw[name], name, source, labels_optional=partial)
         splits[name], cleaned[name] = split, counts
         layout = layout or split_layout
     _check_dims_agree(splits, source)
@@ -227,7 +246,8 @@ def from_raw(raw: Any, source: str, *, synthetic: bool = False) -> MOSIData:
                     synthetic=synthetic, cleaned=cleaned)
 
 
-def _read_split(d: Any, name: str, source: str) -> tuple[Split, dict[str, int], str]:
+def _read_split(d: Any, name: str, source: str, *, labels_optional: bool = False
+                ) -> tuple[Split, dict[str, int], str]:
     where = f"{source}: split '{name}'"
     if not isinstance(d, Mapping):
         raise DataError(f"{where} is a {type(d).__name__}, expected a dict of arrays")
@@ -235,10 +255,15 @@ def _read_split(d: Any, name: str, source: str) -> tuple[Split, dict[str, int], 
         if m not in d:
             raise DataError(f"{where} has no key '{m}' (expected {list(MODALITIES)} and one of {list(LABEL_KEYS)})")
     label_key = next((k for k in LABEL_KEYS if k in d), None)
-    if label_key is None:
+    if label_key is None and not labels_optional:
         raise DataError(f"{where} has no key 'labels' or 'regression_labels' (expected the sentiment scores)")
 
-    labels = _scores(d[label_key], where, label_key)
+    if label_key is None:  # a file to predict on: as many NaN labels as the first modality has samples
+        label_key = MODALITIES[0]
+        first = _real_array(d[label_key], where, label_key)
+        labels = np.full(first.shape[0] if first.ndim else 0, np.nan, dtype=np.float32)
+    else:
+        labels = _scores(d[label_key], where, label_key)
     n = labels.shape[0]
     if n == 0:
         raise DataError(f"{where} is empty (0 samples)")
@@ -348,9 +373,10 @@ def _short(x: Any, width: int = 40) -> str:
 
 
 def _check_dims_agree(splits: Mapping[str, Split], source: str) -> None:
-    ref = splits["train"].features
+    first = "train" if "train" in splits else next(iter(splits))
+    ref = splits[first].features
     for name, s in splits.items():
         for m, t in s.features.items():
             if t.shape[-1] != ref[m].shape[-1]:
                 raise DataError(f"{source}: '{m}' has {t.shape[-1]} features per step in split '{name}' "
-                                f"but {ref[m].shape[-1]} in 'train'")
+                                f"but {ref[m].shape[-1]} in '{first}'")

@@ -109,7 +109,8 @@ def _compare(args: argparse.Namespace) -> int:
     _check_outputs(REPORTS)
     try:
         client, experiment_id = stage.open_experiment(args.experiment, suite_run_id=args.suite, spec_path=args.spec)
-        comparison = stage.compare(client, experiment_id, suite_run_id=args.suite)
+        # A named suite's report is rebuilt in its own folder; only the newest suite's becomes `latest`.
+        comparison = stage.compare(client, experiment_id, suite_run_id=args.suite, latest=args.suite is None)
     except stage.CompareError as e:
         raise UserError(str(e)) from None
     print(stage.format_table(comparison))
@@ -122,12 +123,66 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a suite's ablations with the baseline (no training)",
                        description="Rebuild the comparison of the latest suite (or --suite) from the tracking "
                                    "store alone: a table on the terminal, and comparison.csv, comparison.md and "
-                                   "report.html in reports/<experiment>/ (a tune suite's: reports/<experiment>/tune/), "
-                                   "also logged on the suite's run.")
+                                   "report.html in reports/<experiment>/<suite label>/ (the latest suite's also in "
+                                   "reports/<experiment>/latest/), also logged on the suite's run.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
-    p.add_argument("--suite", metavar="RUN_ID", help="the suite's parent run id (default: the latest suite)")
+    p.add_argument("--suite", metavar="RUN_ID|LABEL",
+                   help="the suite's parent run id, or its label (its folder under reports/<experiment>/; "
+                        "default: the latest suite)")
     p.add_argument("--spec", metavar="FILE", help="spec whose experiment is the default (default: ablations.yaml)")
     p.set_defaults(func=_compare)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from msa.metrics import METRIC_NAMES
+    from pipelines.comparison import SYNTHETIC_BANNER
+    from pipelines.stages import predict as stage
+    from pipelines.stages.prepare import prepare
+
+    out = Path(args.out)
+    if not out.parent.is_dir() or out.is_dir():
+        raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
+    data = prepare(args.data, quick=args.quick, partial=True)
+    try:
+        done = stage.predict_data(args.model, data, args.split)
+    except stage.PredictError as e:
+        raise UserError(str(e)) from None
+    synthetic = f"  [{SYNTHETIC_BANNER}]" if data.synthetic else ""
+    print(f"Model: {done.model}")
+    print(f"Data:  {data.summary().splitlines()[0]}")
+    for note in done.notes:
+        print(note)
+    for split, metrics in done.metrics.items():
+        print(f"{split} ({len(data[split])} samples): "
+              + "  ".join(f"{m} {metrics[m]:.4f}" for m in METRIC_NAMES if m in metrics) + synthetic)
+    if not done.metrics:
+        print("no labels in the file: predictions only")
+    try:
+        done.table.to_csv(out, index=False)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    print(f"Wrote {len(done.table)} predictions ({', '.join(done.table.columns)}) to {out}{synthetic}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from pipelines.stages.predict import SPLITS, URI_FORMS
+
+    p = sub.add_parser("predict", help="apply a logged or registered model to a data file",
+                       description="Load a model from the tracking store (the champion: "
+                                   "models:/<experiment>@champion), "
+                                   "check the file's dims against the model's signature, and write one prediction "
+                                   "per sample (id, prediction, and label when the file has labels) to a CSV; print "
+                                   "the metrics when it has labels. The file is read with the same restricted "
+                                   "loader as every pipeline; the model is a pickle, so load only models from a "
+                                   "store you trust.")
+    p.add_argument("--model", required=True, metavar="URI", help=f"the model: {URI_FORMS}")
+    p.add_argument("--data", default="synthetic", metavar="PATH|synthetic",
+                   help="a MOSI pickle (any of its splits; labels optional), or 'synthetic' (default)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which split to predict (default: test)")
+    p.add_argument("--out", default="predictions.csv", metavar="FILE", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--quick", action="store_true", help="the small synthetic data of `ablations --quick`")
+    p.set_defaults(func=_predict)
 
 
 def _positive_int(text: str) -> int:
@@ -232,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The pipelines after prepare, each registering its sub-command.
-_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare, _add_tune]
+_EXTRA_PIPELINES: list[Callable[[argparse._SubParsersAction], None]] = [_add_ablations, _add_compare, _add_tune,
+                                                                         _add_predict]
 
 
 class _Parser(argparse.ArgumentParser):

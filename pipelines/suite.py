@@ -1,26 +1,30 @@
 """The ablations pipeline: prepare -> train -> evaluate -> compare, wired by name.
 
-A suite is one parent MLflow run; each (ablation, seed) is a nested child run. A child whose
-identity (resolved config, data digest, seed) is already FINISHED in the store is reported as
-cached and not trained again, so re-running a finished suite trains nothing and an interrupted
-one finishes only what is missing.
+A suite is one parent MLflow run, resumed when the same suite runs again; each (ablation, seed) is a
+nested child run. A child whose identity (resolved config, data digest, seed) is already FINISHED in
+the store is reported as cached and not trained again, so re-running a finished suite trains nothing
+and an interrupted one finishes only what is missing. Its best ablation on validation is registered
+as the experiment's champion.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any, TextIO
+
+from mlflow.exceptions import MlflowException
 
 from msa.data import MOSIData
 from msa.metrics import eval_mosi_regression
 from msa.models import relative_cost
-from pipelines import tracking
+from pipelines import parent, registry, tracking
 from pipelines.executor import default_workers, describe, run_jobs
 from pipelines.progress import SuiteProgress, fmt_duration
+from pipelines.registry import Champion
 from pipelines.spec import Spec, load_spec
 from pipelines.stages.compare import Comparison, compare_suite
 from pipelines.stages.prepare import prepare
@@ -59,6 +63,8 @@ class SuiteResult:
     rows: list[SuiteRow]
     synthetic: bool
     seconds: float
+    champion: Champion | None = None   # the experiment's registered champion after this suite
+    champion_note: str | None = None   # the line saying who it is, or why there is none
 
     @property
     def failed(self) -> list[SuiteRow]:
@@ -108,19 +114,28 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
     rows = {(a, s): SuiteRow(a, s, k, cached[k].info.run_id, RunStatus.CACHED, _test_metrics(cached[k]))
             for a, s, k in planned if k in cached}
 
-    parent_id = tracking.start_run(
-        client, experiment_id, f"{suite_name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+    # One parent per suite identity: the same suite run again resumes it, so its children nest under one run.
+    epochs = ",".join(sorted({str(c.train.epochs) for c in spec.ablations.values()}))
+    key = parent.suite_key(suite_name, spec.ablations, spec.seeds, data.digest, tracking.code_version())
+    parent_id, resumed = parent.open_parent(
+        client, experiment_id, suite_name, key,
         tags={"suite": suite_name, "spec": spec.path, "synthetic": str(data.synthetic).lower(),
               "data_digest": data.digest, "data_source": data.source, "code_version": tracking.code_version(),
               "quick": str(quick).lower()},
         params={"ablations": ",".join(spec.ablations), "seeds": ",".join(map(str, spec.seeds)),
-                "epochs": ",".join(sorted({str(c.train.epochs) for c in spec.ablations.values()})),
-                "n_runs": len(planned)})
+                "epochs": epochs, "n_runs": len(planned)})
+    note = partial(parent.describe, client, parent_id, experiment=spec.experiment, experiment_id=experiment_id,
+                       spec_path=spec.path, ablations=list(spec.ablations), seeds=spec.seeds, epochs=epochs,
+                       data_source=data.source, data_digest=data.digest, synthetic=data.synthetic)
+    if resumed:
+        say(f"resuming suite run {parent_id} (the same suite ran before)")
     with tracking.recorded_run(client, parent_id):
-        tracking.log_dataset(client, parent_id, data)
-        if data.has_oracle:  # the best score reachable on synthetic data, for the comparison's oracle row
-            oracle = eval_mosi_regression(data["test"].oracle, data["test"].labels)
-            tracking.log_metrics(client, parent_id, {f"oracle_test_{k}": v for k, v in oracle.items()})
+        if not resumed:
+            note()
+            tracking.log_dataset(client, parent_id, data)
+            if data.has_oracle:  # the best score reachable on synthetic data, for the comparison's oracle row
+                oracle = eval_mosi_regression(data["test"].oracle, data["test"].labels)
+                tracking.log_metrics(client, parent_id, {f"oracle_test_{k}": v for k, v in oracle.items()})
         tb_dir = str(tracking.tensorboard_dir(spec.experiment))
         tasks = [RunTask(a, s, spec.ablations[a], k, experiment_id, parent_id, tb_dir)
                  for a, s, k in planned if k not in cached]
@@ -148,7 +163,26 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
             ordered = [rows.get((a, s)) or SuiteRow(a, s, k, None, RunStatus.KILLED) for a, s, k in planned]
             client.log_text(parent_id, json.dumps([r.to_json() for r in ordered], indent=1), SUITE_FILE)
             client.set_tag(parent_id, "failed_runs", str(sum(not r.status.usable for r in ordered)))
-    return SuiteResult(spec.experiment, experiment_id, parent_id, ordered, data.synthetic, progress.elapsed)
+            note(rows=ordered, cached_runs=cached)
+    result = SuiteResult(spec.experiment, experiment_id, parent_id, ordered, data.synthetic, progress.elapsed)
+    result.champion, result.champion_note = _crown(client, spec, data, result, key)
+    if result.champion is not None:
+        client.set_tag(parent_id, "champion", f"{result.champion.uri} (version {result.champion.version})")
+    note(rows=ordered, cached_runs=cached, champion=result.champion_note)
+    return result
+
+
+def _crown(client, spec: Spec, data: MOSIData, result: SuiteResult, key: str) -> tuple[Champion | None, str]:
+    """Register the suite's best ablation on validation as the experiment's champion; a store that
+    refuses (a registry-less server, say) costs the summary a line, never the suite."""
+    first = next(iter(spec.ablations.values())).train  # the suite's selection metric: its first ablation's
+    try:
+        return registry.crown(client, spec.experiment, result.experiment_id, result.parent_run_id, result.rows,
+                              spec.seeds, select_key=first.select_key, higher=first.higher_is_better,
+                              data_digest=data.digest, synthetic=data.synthetic,
+                              suite_label=parent.label_of(client.get_run(result.parent_run_id)))
+    except MlflowException as e:
+        return None, f"no champion registered: {str(e).splitlines()[0]}"
 
 
 def estimated_cost(task: RunTask) -> float:
@@ -174,7 +208,9 @@ def report(result: SuiteResult, comparison: Comparison | None = None, note: str 
     stream = stream or sys.stdout
     if comparison is not None:
         print(format_table(comparison), file=stream)
-        print(f"\nReport: {comparison.paths['report.html']} (also comparison.csv, comparison.md)", file=stream)
+        report_dir = comparison.paths["report.html"].parent
+        print(f"\nReport: {report_dir / 'report.html'} (also comparison.csv, comparison.md; a copy in "
+              f"{report_dir.parent / 'latest'})", file=stream)
     elif note:
         print(note, file=sys.stderr)
     for r in result.failed:
@@ -185,7 +221,12 @@ def report(result: SuiteResult, comparison: Comparison | None = None, note: str 
           f"experiment '{result.experiment}', suite run {result.parent_run_id}", file=stream)
     if result.failed:
         print("Re-run the same command to retry only the runs that did not finish.", file=stream)
-    print(f"Browse: {tracking.ui_hint()}", file=stream)
+    if result.champion_note:
+        print(result.champion_note[0].upper() + result.champion_note[1:], file=stream)
+    if result.champion is not None:
+        print(f"Predict: python -m pipelines.run predict --model {result.champion.uri} --data FILE|synthetic",
+              file=stream)
+    print(f"Browse: {tracking.ui_hint(result.experiment_id)}", file=stream)
     print(f"Curves: tensorboard --logdir {tracking.tensorboard_dir(result.experiment)}", file=stream)
 
 

@@ -54,11 +54,14 @@ def tensorboard_dir(experiment: str) -> Path:
     return local_root() / "tensorboard" / experiment
 
 
-def ui_hint() -> str:
+def ui_hint(experiment_id: str | None = None) -> str:
+    """How to see an experiment's runs list: the server's page, or the command that serves a local store.
+    (MLflow 3's bare address opens a GenAI overview, not the runs.)"""
+    page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+        return f"open {uri.rstrip('/')}{page} in a browser"
+    return (f"mlflow ui --backend-store-uri {uri} --workers 1  (then open http://127.0.0.1:5000{page})")
 
 
 # A tracking server that does not answer must not hold a command for minutes (MLflow's own default
@@ -246,10 +249,16 @@ def _quietly(call, *args) -> None:
         pass
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """The finite ones of `metrics` in one call (NaN, e.g. an undefined Corr, is left out)."""
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0, *,
+                model_id: str | None = None, data: MOSIData | None = None) -> None:
+    """The finite ones of `metrics` in one call (NaN, e.g. an undefined Corr, is left out); linked to a
+    logged model and to the data set (name and digest) when given, as the Models view shows them."""
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)])
+    linked = {"model_id": model_id}
+    if data is not None:
+        linked |= {"dataset_name": dataset_name(data), "dataset_digest": data.digest}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step, **linked)
+                                      for k, v in metrics.items() if math.isfinite(v)])
 
 
 class EpochLogger:
@@ -312,13 +321,11 @@ def log_dataset(client: MlflowClient, run_id: str, data: MOSIData) -> None:
     dataset row already there: two first inserts at once break SQLite's unique constraint."""
     if data.synthetic:
         source = CodeDatasetSource(tags={"generator": "msa.synthetic", "description": data.source})
-        name = "synthetic-mosi"
     else:
         with warnings.catch_warnings():  # MLflow registers two equivalent local-file sources
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(str(Path(data.source).resolve()))
-        name = Path(data.source).name
-    dataset = MetaDataset(source=source, name=name, digest=data.digest)
+    dataset = MetaDataset(source=source, name=dataset_name(data), digest=data.digest)
     tags = {"mlflow.data.context": "train/valid/test", "synthetic": str(data.synthetic).lower(),
             "layout": data.layout, "sizes": "/".join(str(v) for v in data.sizes.values()),
             **{f"cleaned.{split}.{m}": str(n) for split, c in data.cleaned.items() for m, n in c.items()}}
@@ -330,6 +337,16 @@ def log_dataset(client: MlflowClient, run_id: str, data: MOSIData) -> None:
         if "UNIQUE constraint" not in str(e) and "unique constraint" not in str(e).lower():
             raise
         client.log_inputs(run_id, datasets=inputs)
+
+
+def dataset_name(data: MOSIData) -> str:
+    """The data set's name in MLflow: `synthetic-mosi`, or the file's name."""
+    return "synthetic-mosi" if data.synthetic else Path(data.source).name
+
+
+def model_name(ablation: str, seed: int) -> str:
+    """A logged model's name: what it is, as the experiment's Models view lists it."""
+    return f"{ablation}-seed-{seed}"
 
 
 def flat_params(d: dict[str, Any]) -> dict[str, str]:

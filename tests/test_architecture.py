@@ -12,7 +12,7 @@ LAYERS = [
     ("msa",),
     ("pipelines.status", "pipelines.errors"),
     ("pipelines.tracking", "pipelines.executor", "pipelines.spec", "pipelines.progress", "pipelines.cores"),
-    ("pipelines.stages", "pipelines.comparison"),
+    ("pipelines.stages", "pipelines.comparison", "pipelines.parent", "pipelines.registry"),
     ("pipelines.suite",),
     ("pipelines.tuning", "pipelines.tune"),
     ("pipelines.run", "pipelines"),  # the package itself: an empty __init__

@@ -3,8 +3,11 @@ reports where they belong and log them on the suite's parent run."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipelines.comparison import store
@@ -17,16 +20,18 @@ from pipelines.comparison.table import (
     runs_table,
     summarise,
 )
+from pipelines.parent import label_of
 
 REPORT_FILES: tuple[str, ...] = ("comparison.csv", "comparison.md", "report.html")
+LATEST = "latest"  # reports/<experiment>/latest: a copy of the newest suite's reports
 
 
 def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | None = None,
             out_dir: str | Path | None = None, n_boot: int = 2000, seed: int = 0,
-            log_artifacts: bool = True) -> Comparison:
+            log_artifacts: bool = True, latest: bool = True) -> Comparison:
     """Compare a suite's ablations with its baseline (the latest suite unless one is named); write
-    comparison.csv/.md and report.html to `out_dir` (default: `default_report_dir`) and log them on the
-    suite's parent run under comparison/."""
+    comparison.csv/.md and report.html to `out_dir` (default: `default_report_dir`, then copied to
+    reports/<experiment>/latest when `latest`) and log them on the suite's parent run under comparison/."""
     store.quiet_downloads()
     parent, rows = store.find_suite(client, experiment_id, suite_run_id)
     experiment = client.get_experiment(experiment_id).name
@@ -47,8 +52,10 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
         suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
         test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records),
         left_out=tuple(left_out))
-    out = Path(out_dir) if out_dir else default_report_dir(experiment, parent.data.tags.get("suite"))
+    out = Path(out_dir) if out_dir else default_report_dir(experiment, label_of(parent))
     comparison.paths = write_reports(comparison, out.resolve())
+    if latest and out_dir is None:
+        point_latest(out.resolve(), parent)
     if log_artifacts:
         for path in comparison.paths.values():
             client.log_artifact(parent.info.run_id, str(path), "comparison")
@@ -56,11 +63,29 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
     return comparison
 
 
-def default_report_dir(experiment: str, suite: str | None) -> Path:
-    """reports/<experiment> for an `ablations` suite; another suite (a `tune` run's three ablations)
-    gets a folder of its own below it, so that it never replaces the full suite's report."""
-    base = Path("reports") / experiment
-    return base if suite in (None, "ablations") else base / suite
+def default_report_dir(experiment: str, label: str) -> Path:
+    """reports/<experiment>/<suite label>: one folder per suite, so that no suite replaces another's
+    report (the label is the parent run's `suite_label` tag, e.g. ablations-20250101-120000-1a2b3c)."""
+    return Path("reports") / experiment / label
+
+
+def point_latest(report_dir: Path, parent: Run) -> Path:
+    """Make reports/<experiment>/latest a copy of `report_dir`, with SUITE.txt naming where it comes from.
+
+    A copy, not a symlink: Windows creates symlinks only for administrators or in developer mode, and a
+    browser or file manager opens a copied folder on every OS. Built beside and then swapped in, so a
+    reader never finds it half written (at worst, for an instant, missing)."""
+    latest = report_dir.parent / LATEST
+    fresh = report_dir.parent / f".{LATEST}-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(report_dir, fresh)
+    (fresh / "SUITE.txt").write_text(
+        f"A copy of {report_dir.name}/ (suite run {parent.info.run_id}), the newest suite's report.\n"
+        f"Every suite keeps its own folder beside this one; `python -m pipelines.run compare --suite "
+        f"{report_dir.name}` rebuilds it.\n", encoding="utf-8")
+    shutil.rmtree(latest, ignore_errors=True)
+    os.replace(fresh, latest)
+    return latest
 
 
 def write_reports(c: Comparison, out_dir: Path) -> dict[str, Path]:

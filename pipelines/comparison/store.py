@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from msa.metrics import METRIC_NAMES, eval_mosi_regression
 from pipelines import tracking
 from pipelines.comparison.model import CURVE_KEYS, CompareError, RunRecord
+from pipelines.parent import LABEL_TAG, label_of
 from pipelines.status import RunStatus
 
 _USABLE = frozenset(s for s in RunStatus if s.usable)
@@ -58,10 +59,20 @@ def open_experiment(name: str | None, *, suite_run_id: str | None = None,
 
 
 def _run_or_error(client: MlflowClient, run_id: str, uri: str) -> Run:
+    """A run by id, or the suite run whose label (its reports folder's name) is `run_id`."""
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise CompareError(f"no run '{run_id}' in {uri}") from None
+        pass
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if ids and "'" not in run_id:
+        found = client.search_runs(ids, filter_string=f"tags.{LABEL_TAG} = '{run_id}'", max_results=1)
+        # A suite recorded before labels existed is known by the label its reports folder got.
+        found = found or [r for r in client.search_runs(ids, filter_string="tags.suite LIKE '%'", max_results=1000)
+                          if label_of(r) == run_id]
+        if found:
+            return found[0]
+    raise CompareError(f"no run '{run_id}' in {uri}, and no suite labelled so")
 
 
 def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | None = None) -> tuple[Run, list[dict]]:
@@ -70,6 +81,7 @@ def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | Non
     experiment = client.get_experiment(experiment_id).name
     if suite_run_id:
         run = _run_or_error(client, suite_run_id, client.tracking_uri)
+        suite_run_id = run.info.run_id
         if run.info.experiment_id != experiment_id:
             raise CompareError(f"run '{suite_run_id}' belongs to another experiment than '{experiment}'")
         if "suite" not in run.data.tags:

@@ -1,7 +1,7 @@
 """Stage 4, compare: every ablation of one suite against the baseline; the work is in pipelines.comparison.
 
-Writes comparison.csv, comparison.md and report.html to reports/<experiment>/ (another suite than
-`ablations`: reports/<experiment>/<suite>/) and logs them on the suite's parent run under comparison/.
+Writes comparison.csv, comparison.md and report.html to reports/<experiment>/<suite label>/ (and a copy
+to reports/<experiment>/latest/) and logs them on the suite's parent run under comparison/.
 """
 
 from __future__ import annotations

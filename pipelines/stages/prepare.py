@@ -20,14 +20,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "msa")
 
 
-def prepare(source: str = SYNTHETIC, *, quick: bool = False, seed: int = 0) -> MOSIData:
-    """Load `source`: `synthetic` (the embedded default; small with `quick`) or a MOSI pickle path."""
+def prepare(source: str = SYNTHETIC, *, quick: bool = False, seed: int = 0, partial: bool = False) -> MOSIData:
+    """Load `source`: `synthetic` (the embedded default; small with `quick`) or a MOSI pickle path
+    (`partial`: a file to predict on, which may lack splits and labels)."""
     if source == SYNTHETIC:
         spec = SyntheticSpec(sizes=QUICK_SIZES, seed=seed) if quick else SyntheticSpec(seed=seed)
         return make_synthetic(spec, cache_dir=cache_dir(), on_cache_error=_warn_cache)
     if not str(source).strip():
         raise DataError(f"the data source is empty (expected a MOSI pickle path or '{SYNTHETIC}')")
-    return load(source)
+    return load(source, partial=partial)
 
 
 def _warn_cache(message: str) -> None:

@@ -35,7 +35,7 @@ from pipelines.stages.evaluate import evaluate
 from pipelines.stages.prepare import prepare
 from pipelines.status import RunStatus
 
-# The pickle format's one-line safety warning would repeat for every run; the README says how to load.
+# The pickle format's one-line safety warning would repeat for every run; `predict` loads them.
 logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
 logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
 
@@ -131,8 +131,7 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
         problem = non_finite(result, test_metrics, cfg.train.select_key)
         if problem:  # FAILED with the reason: never counted as trained, reused as cached, nor compared
             raise NonFiniteRun(problem)
-        tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in test_metrics.items()}
-                             | {"best_epoch": result.best_epoch, "n_params": result.n_params})
+        tracking.log_metrics(client, run_id, {"best_epoch": result.best_epoch, "n_params": result.n_params})
         client.set_tag(run_id, "stopped_early", str(result.stopped_early).lower())
         client.set_tag(run_id, "precision_used", result.precision)  # bf16 falls back to fp32 where not native
         _add_graph(client, run_id, log_epoch.tb, model, data)
@@ -145,7 +144,10 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
         _plot_curves(result.history, tmp / "loss_curve.png", tracking.run_name(task.ablation, task.seed))
         client.log_artifacts(run_id, str(tmp))
     client.log_artifacts(run_id, str(tb_dir), "tensorboard")
-    _log_model(run_id, task.experiment_id, model, data, params)
+    model_id = _log_model(run_id, task, model, data, params)
+    # After the model: log_model copies the run's step-0 metrics onto it, without their data set.
+    tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in test_metrics.items()}, model_id=model_id,
+                         data=data)
     return RunOutcome(task.ablation, task.seed, RunStatus.FINISHED, run_id, 0.0,
                       test_metrics=test_metrics, best_epoch=result.best_epoch)
 
@@ -169,11 +171,12 @@ def non_finite(result, test_metrics: dict[str, float], select_key: str) -> str |
     return None
 
 
-def _log_model(run_id: str, experiment_id: str, model: torch.nn.Module, data: MOSIData,
-               params: dict[str, Any]) -> None:
+def _log_model(run_id: str, task: RunTask, model: torch.nn.Module, data: MOSIData,
+               params: dict[str, Any]) -> str:
+    """Log the selected model as `<ablation>-seed-<n>` (`runs:/<run id>/<that name>`); returns its model id."""
     # Pickle format, not MLflow's default pt2: torch.export specialises the LSTM on the example's
     # sequence length (and cannot export the padding mask), so a pt2 model rejects other lengths.
-    # Loading needs MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true, and the msa package (shipped in code/).
+    # Loading needs MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true (`predict` sets it) and the msa package (in code/).
     dims = data.dims
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, dims[m]), name=m) for m in model.modalities]),
@@ -181,12 +184,17 @@ def _log_model(run_id: str, experiment_id: str, model: torch.nn.Module, data: MO
     msa_dir = Path(__import__("msa").__file__).parent
     # Created first, in the run's experiment: left to itself, log_model would file a model of a run
     # that is not the active one under the default experiment, where `runs:/<id>/model` cannot find it.
-    logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment_id,
-                                            params=tracking.flat_params(params))
-    mlflow.pytorch.log_model(model, name="model", run_id=run_id, model_id=logged.model_id, signature=signature,
+    name = tracking.model_name(task.ablation, task.seed)
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=task.experiment_id,
+                                            params=tracking.flat_params(params),
+                                            tags={"ablation": task.ablation, "seed": str(task.seed),
+                                                  "data_digest": data.digest,
+                                                  "synthetic": str(data.synthetic).lower()})
+    mlflow.pytorch.log_model(model, name=name, run_id=run_id, model_id=logged.model_id, signature=signature,
                              serialization_format="pickle",
                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                              code_paths=[str(msa_dir)])
+    return logged.model_id
 
 
 def _add_graph(client: MlflowClient, run_id: str, tb, model: torch.nn.Module, data: MOSIData) -> None:

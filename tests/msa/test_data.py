@@ -56,6 +56,23 @@ def test_multibench_layout_reads_dims_labels_ids_and_cleans_inf(tmp_path):
     assert "audio 2" in data.summary()
 
 
+def test_a_file_to_predict_on_may_lack_splits_and_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    test = _split(rng, 5, dims=(20, 768, 5))
+    del test["labels"]
+    path = _write(tmp_path, {"test": test})
+    with pytest.raises(DataError, match="missing split 'train'"):
+        load(path)                                                 # training still needs every split, labelled
+    data = load(path, partial=True)
+    assert list(data.splits) == ["test"] and data.dims == {"vision": 20, "text": 768, "audio": 5}
+    assert not data["test"].has_labels and len(data["test"]) == 5 and data["test"].ids[0] == "vid0"
+    assert "labels:    none" in data.summary() and len(data.digest) == 16
+    labelled = load(_write(tmp_path, {"valid": _split(rng, 4)}, "valid.pkl"), partial=True)
+    assert labelled["valid"].has_labels
+    with pytest.raises(DataError, match="no split"):
+        load(_write(tmp_path, {"other": _split(rng, 4)}, "other.pkl"), partial=True)
+
+
 def test_mult_layout_with_byte_ids_and_small_dims(tmp_path):
     rng = np.random.default_rng(1)
     ids = np.array([[b"abc", b"3"]] * 4)

@@ -97,22 +97,56 @@ def test_logged_model_loads_and_accepts_other_sequence_lengths(quick_suite, monk
     run = next(r for r in _children(client) if r.data.tags["ablation"] == "text_audio")
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
     mlflow.set_tracking_uri(client.tracking_uri)
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/text_audio-seed-1111")   # named for what it is
     out = model(torch.randn(3, 17, 300), torch.randn(3, 17, 74))
     assert out.shape == (3,) and (out.abs() < 3).all()
 
 
-def test_rerun_of_a_finished_suite_trains_nothing(quick_suite):
+def test_models_are_named_with_test_metrics_linked_to_the_data(quick_suite):
+    client = quick_suite["client"]
+    exp_id = client.get_experiment_by_name("msa-ablations").experiment_id
+    models = {m.name: m for m in client.search_logged_models([exp_id])}
+    assert sorted(models) == sorted(f"{n}-seed-1111" for n in NAMES)
+    model = models["text_only-seed-1111"]
+    run = client.get_run(model.source_run_id)
+    assert run.data.tags["ablation"] == "text_only" and model.params["model.modalities"] == "[text]"
+    linked = {m.key: m for m in model.metrics if m.key.startswith("test_")}
+    assert linked["test_Corr"].value == run.data.metrics["test_Corr"]
+    assert {(m.dataset_name, m.dataset_digest) for m in linked.values()} == {("synthetic-mosi",
+                                                                             run.data.tags["data_digest"])}
+
+
+def test_the_best_ablation_on_validation_is_the_champion(quick_suite):
+    from pipelines.registry import validation_score
+
+    client = quick_suite["client"]
+    version = client.get_model_version_by_alias("msa-ablations", "champion")
+    run = client.get_run(version.run_id)
+    assert version.tags["ablation"] == run.data.tags["ablation"] and version.tags["synthetic"] == "true"
+    scores = {r.data.tags["ablation"]: validation_score(client, r, "val_Corr", True) for r in _children(client)}
+    assert version.tags["ablation"] == max(scores, key=scores.get)      # one seed: the best run on validation
+    assert "SYNTHETIC" in version.description
+
+
+def test_rerun_of_a_finished_suite_trains_nothing_and_resumes_its_parent(quick_suite):
     client = quick_suite["client"]
     assert quick_suite["rerun_seconds"] < 60
     assert len(_children(client)) == len(NAMES)       # no new child runs
     suites = [r for r in client.search_runs([client.get_experiment_by_name("msa-ablations").experiment_id])
               if r.data.tags.get("suite")]
-    assert len(suites) == 2
+    assert len(suites) == 1                           # the same suite again: the same parent, resumed
     import json
-    latest = max(suites, key=lambda r: r.info.start_time)
-    rows = json.loads(Path(client.download_artifacts(latest.info.run_id, "suite.json")).read_text())
+    parent = suites[0]
+    assert parent.info.status == "FINISHED"
+    rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "suite.json")).read_text())
     assert {r["status"] for r in rows} == {"CACHED"}
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Suite `{parent.data.tags['suite_label']}`**: 13 ablations x 1 seed (1111)")
+    assert "SYNTHETIC" in note and "13 already done" in note and "**Champion:** models:/msa-ablations@champion" in note
+    reports = quick_suite["tmp"] / "reports" / "msa-ablations"
+    assert sorted(p.name for p in reports.iterdir()) == sorted([parent.data.tags["suite_label"], "latest"])
+    assert (reports / "latest" / "report.html").read_bytes() == \
+        (reports / parent.data.tags["suite_label"] / "report.html").read_bytes()
 
 
 def _write_spec(tmp_path, ablations: str, name="spec.yaml", extra="") -> Path:
@@ -174,6 +208,17 @@ def test_one_failing_run_does_not_stop_the_others(tmp_path, store, monkeypatch, 
     runs = _children(MlflowClient(store), "unit")
     finished = sorted(r.data.tags["ablation"] for r in runs if r.info.status == "FINISHED")
     assert finished == ["audio_only", "baseline"]
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1       # the retry nests under the same suite
+    assert f"#/experiments/{runs[0].info.experiment_id}/runs)" in capsys.readouterr().out  # the runs list's address
+
+    # Another spec (here: epochs) is another suite, with a parent of its own; its reports do not replace the first's.
+    assert main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "2",
+                 "--only", "baseline"]) == 0
+    client = MlflowClient(store)
+    suites = [r for r in client.search_runs([runs[0].info.experiment_id]) if "suite" in r.data.tags]
+    assert len(suites) == 2
+    folders = {p.name for p in (tmp_path / "reports" / "unit").iterdir()}
+    assert folders == {*(s.data.tags["suite_label"] for s in suites), "latest"}
 
 
 def test_a_registered_encoder_runs_in_a_suite(tmp_path, store, monkeypatch):
@@ -232,6 +277,10 @@ def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path,
     assert sorted(r.data.tags["seed"] for r in finished) == seeds               # one each, no duplicate
     assert {r.info.status for r in children} == {"FINISHED", "KILLED"}
     assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 30 for r in finished)
+    # Resumed, not split: the killed runs and the ones that finished them nest under one suite run.
+    suites = [r for r in client.search_runs([exp_id]) if "suite" in r.data.tags]
+    assert len(suites) == 1 and suites[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {suites[0].info.run_id}
 
 
 def test_precision_is_plumbed_into_every_run_and_its_fallback_recorded(tmp_path, store, capsys):

@@ -160,8 +160,10 @@ def test_the_latest_usable_suite_is_chosen_and_a_named_one_checked(made):
 def test_outputs_are_written_and_logged_on_the_parent_run(made):
     c, client = made["c"], made["client"]
     assert set(c.paths) == {"comparison.csv", "comparison.md", "report.html"}
+    folder = made["tmp"] / "reports" / EXPERIMENT / f"ablations-{made['parent'][:8]}"   # recorded without a label
     for path in c.paths.values():
-        assert path.parent == made["tmp"] / "reports" / EXPERIMENT and path.stat().st_size > 0
+        assert path.parent == folder and path.stat().st_size > 0
+        assert (folder.parent / "latest" / path.name).read_bytes() == path.read_bytes()
     logged = {a.path for a in client.list_artifacts(made["parent"], "comparison")}
     assert logged == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/report.html"}
     assert client.get_run(made["parent"]).data.tags["comparison"] == "comparison/report.html"
@@ -196,10 +198,33 @@ def test_cli_compare_rebuilds_from_the_store_alone(in_store, capsys):
     body = [line.split()[0] for line in lines[4:4 + len(ORDER) + 1]]
     assert body == [*ORDER, "oracle"]
     assert re.search(r"^improved\s+3\s+0\.\d{3} ± 0\.\d{3} \+0\.\d{3} ▲", out, re.MULTILINE)
-    assert f"Report: {in_store['tmp'] / 'reports' / EXPERIMENT / 'report.html'}" in out
+    folder = in_store["tmp"] / "reports" / EXPERIMENT / f"ablations-{in_store['parent'][:8]}"
+    assert f"Report: {folder / 'report.html'}" in out
 
     _, exp_id = open_experiment(None, suite_run_id=in_store["parent"])      # --suite alone names the experiment
     assert exp_id == in_store["exp_id"]
+
+
+def test_each_suite_keeps_its_reports_and_compare_suite_rebuilds_any(in_store, suite_recorder, capsys):
+    client, exp_id = in_store["client"], in_store["exp_id"]
+    labels = _labels()
+    recorder = suite_recorder(client, exp_id)
+    other = recorder.parent(["baseline", "improved"], [1], tags={"suite_label": "other-suite"})
+    recorder.finish(other, [recorder.child(other, a, 1, labels, labels + np.random.default_rng(i).normal(0, 1, N_TEST))
+                            for i, a in enumerate(("baseline", "improved"))])
+    reports = in_store["tmp"] / "reports" / EXPERIMENT
+    first = reports / f"ablations-{in_store['parent'][:8]}"
+    before = (first / "comparison.csv").read_bytes()
+
+    assert main(["compare", "--suite", other]) == 0                          # a new suite's report: its own folder
+    assert "other-suite/report.html" in capsys.readouterr().out
+    assert (first / "comparison.csv").read_bytes() == before                 # the first suite's report survives
+    assert "improved" in (reports / "other-suite" / "comparison.csv").read_text()
+    assert (reports / "latest" / "comparison.csv").read_bytes() == before    # --suite never moves `latest`
+
+    (first / "report.html").unlink()
+    assert main(["compare", "--suite", first.name]) == 0                     # by label, as the folder is named
+    assert (first / "report.html").is_file() and str(first / "report.html") in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(in_store, capsys, tmp_path, monkeypatch):
@@ -213,3 +238,20 @@ def test_cli_errors_are_one_line(in_store, capsys, tmp_path, monkeypatch):
     assert main(["compare"]) == 2
     assert "no tracking store at" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()                              # looking never creates a store
+
+
+def test_report_renders_in_a_real_browser(made, browser, tmp_path):
+    """report.html in headless Chromium: no console error, every chart decodes, the tables hold every ablation."""
+    page = made["c"].paths["report.html"]
+    assert browser.open(page.as_uri()) == []
+    images = browser.evaluate("Promise.all([...document.images].map(i => i.decode().then("
+                              "() => [i.alt, i.naturalWidth, i.naturalHeight], () => [i.alt, 0, 0])))")
+    assert len(images) >= 6 and all(w > 0 and h > 0 for _, w, h in images), images
+    tables = browser.evaluate("[...document.querySelectorAll('table')].map(t => "
+                              "[...t.tBodies[0].rows].map(r => r.cells[0].textContent))")
+    assert tables[0] == [*ORDER, "oracle"] and tables[-1] == [*ORDER, "oracle"]   # test metrics; all metrics
+    assert set(tables[1]) == set(made["c"].modality_subsets)                        # which modalities matter
+    assert browser.evaluate("document.querySelector('.banner').textContent").startswith(SYNTHETIC_BANNER)
+    browser.screenshot(tmp_path / "report.png", full_page=True)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert browser.drain() == []                                                     # nothing failed late either

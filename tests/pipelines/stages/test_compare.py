@@ -30,7 +30,9 @@ def test_compare_suite_returns_the_comparison_written_where_the_suite_reports(st
     comparison, reason = compare_suite("stage-compare", exp_id, pid)
     assert reason is None and isinstance(comparison, Comparison)
     assert comparison.suite_run_id == pid and list(comparison.table.index) == ["baseline", "text_only"]
-    assert comparison.paths["report.html"] == tmp_path / "reports" / "stage-compare" / "report.html"
+    folder = tmp_path / "reports" / "stage-compare" / f"ablations-{pid[:8]}"     # a suite recorded without a label
+    assert comparison.paths["report.html"] == folder / "report.html"
+    assert (folder.parent / "latest" / "report.html").read_bytes() == (folder / "report.html").read_bytes()
     assert client.get_run(pid).data.tags["comparison"] == "comparison/report.html"
 
 
