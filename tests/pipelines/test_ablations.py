@@ -248,7 +248,7 @@ def test_a_registered_encoder_runs_in_a_suite(tmp_path, store, monkeypatch):
 def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path, store, workers, seeds):
     spec = _write_spec(tmp_path, "  baseline: {}\n")
     cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--spec", str(spec), "--quick",
-           "--workers", str(workers), "--epochs", "30", "--seeds", *seeds]
+           "--workers", str(workers), "--epochs", "12", "--seeds", *seeds]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(store)
@@ -276,7 +276,7 @@ def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path,
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["seed"] for r in finished) == seeds               # one each, no duplicate
     assert {r.info.status for r in children} == {"FINISHED", "KILLED"}
-    assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 30 for r in finished)
+    assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 12 for r in finished)
     # Resumed, not split: the killed runs and the ones that finished them nest under one suite run.
     suites = [r for r in client.search_runs([exp_id]) if "suite" in r.data.tags]
     assert len(suites) == 1 and suites[0].info.status == "FINISHED"
