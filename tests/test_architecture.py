@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("msa",),
     ("pipelines.status",),
-    ("pipelines.tracking", "pipelines.executor", "pipelines.spec", "pipelines.progress"),
+    ("pipelines.tracking", "pipelines.executor", "pipelines.cluster", "pipelines.claims", "pipelines.devices",
+     "pipelines.spec", "pipelines.progress"),
     ("pipelines.stages", "pipelines.comparison"),
     ("pipelines.suite",),
     ("pipelines.tuning", "pipelines.tune"),
-    ("pipelines.run", "pipelines"),  # the package itself: an empty __init__
+    ("pipelines.run", "pipelines.engine_options", "pipelines"),  # the package itself: an empty __init__
 ]
 
 
