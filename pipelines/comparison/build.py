@@ -45,7 +45,8 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
         table=table, runs=runs_table(records), curves=store.load_curves(client, records),
         modality_subsets=modality_subsets(records, baseline), experiment=experiment,
         suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
-        test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records))
+        test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records),
+        n_running=store.still_running(client, experiment_id, rows))
     out = Path(out_dir) if out_dir else default_report_dir(experiment, parent.data.tags.get("suite"))
     comparison.paths = write_reports(comparison, out.resolve())
     if log_artifacts:

@@ -53,6 +53,7 @@ class Comparison:
     n_test: int                           # test samples per run (0 when no predictions were logged)
     seeds: tuple[int, ...]
     paths: dict[str, Path] = field(default_factory=dict)  # file name -> where it was written
+    n_running: int = 0                    # runs of the suite still RUNNING (not counted until FINISHED)
 
     @property
     def ablations(self) -> list[str]:

@@ -90,6 +90,9 @@ def format_table(c: Comparison) -> str:
     lines.append("Intervals: paired bootstrap over test samples, runs paired by seed "
                  "(comparison.md says exactly how).")
     lines += [f"  {line}" for line in special_tests(c)]
+    if c.n_running:
+        lines.append(f"{c.n_running} run(s) of this suite still running: counted once FINISHED "
+                     "(`python -m pipelines.run compare` again then).")
     return "\n".join(lines)
 
 
