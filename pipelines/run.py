@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 from msa.config import ConfigError
 from msa.data import DataError
+from pipelines.engine_options import add_engine_options, engine_from_args
+from pipelines.executor import EngineError
 from pipelines.spec import SpecError
 
 EXIT_USER_ERROR = 2
@@ -21,7 +23,7 @@ class UserError(Exception):
     """Anything a user can fix from the message alone."""
 
 
-USER_ERRORS = (UserError, DataError, ConfigError, SpecError)
+USER_ERRORS = (UserError, DataError, ConfigError, SpecError, EngineError)
 EXIT_INTERRUPTED = 130
 
 
@@ -38,6 +40,7 @@ def _ablations(args: argparse.Namespace) -> int:
     from pipelines.stages.prepare import prepare
     from pipelines.tuning import TUNED, tune_spec_for, tuned_override
 
+    engine = engine_from_args(args)  # first: a device or cluster that cannot be had writes nothing
     # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
     only = [n for n in args.only if n != TUNED] if args.only else None
     spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick)
@@ -51,7 +54,7 @@ def _ablations(args: argparse.Namespace) -> int:
         raise UserError("nothing to run: no tuning study has a best trial on this data yet "
                         "(run `python -m pipelines.run tune` first, or name other ablations)")
     result = suite.run_suite(spec, data_source=args.data, data=data, quick=args.quick, workers=args.workers,
-                             extra_ablations=extra)
+                             extra_ablations=extra, engine=engine)
     suite.report(result, *suite.compare(result))
     return 1 if result.failed else 0
 
@@ -68,10 +71,12 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the spec's three)")
     p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="parallel worker processes (default: one per core, cores split between them)")
+                   help="parallel worker processes (default: one per core, cores split between them; "
+                        "with --scheduler the cluster's workers)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: 2 epochs, one seed, and small synthetic data with the real dims "
                         "(a --data file is used whole)")
+    add_engine_options(p)
     p.set_defaults(func=_ablations)
 
 
@@ -112,10 +117,11 @@ def _tune(args: argparse.Namespace) -> int:
     from pipelines import suite, tuning
     from pipelines.stages.compare import format_table
 
+    engine = engine_from_args(args, optuna_storage=args.storage, uses_optuna=True)
     try:
         done = tuning.tune(tuning.load_tune_spec(args.spec), data_source=args.data, quick=args.quick,
                            epochs=args.epochs, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                           study_name=args.study, workers=args.workers)
+                           study_name=args.study, workers=args.workers, engine=engine)
     except tuning.TuneError as e:
         raise UserError(str(e)) from None
     print(tuning.summary(done.session))
@@ -150,10 +156,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, metavar="N",
                    help="epochs per trial and per final run (default: the ablations spec's)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="local processes searching the study together (default 1: reproducible trial by "
-                        "trial); cores are split between them")
+                   help="search loops working on the study together, each a local process or, with "
+                        "--scheduler, a task on the cluster (default 1: reproducible trial by trial)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: small synthetic data, 2 epochs per trial, few trials")
+    add_engine_options(p)
     p.set_defaults(func=_tune)
 
 
