@@ -121,7 +121,7 @@ def _check_cluster(client, engine: Engine) -> None:
         raise EngineError(f"no Dask worker joined the scheduler at {engine.scheduler} within {WORKERS_WAIT_S} s; "
                           f"start workers with `dask worker {engine.scheduler}`") from None
     if engine.uses_gpu:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        workers = client.scheduler_info()["workers"].values()
         if not any(w.get("resources", {}).get("GPU") for w in workers):
             raise EngineError(f"--device {engine.device}: no worker of the Dask cluster at {engine.scheduler} "
                               "declares a GPU; start GPU workers with `dask worker ... --resources GPU=1`")
@@ -133,7 +133,7 @@ def cluster_devices(address: str, *, cuda: bool = True) -> tuple[int, int]:
 
     engine = Engine(scheduler=address)
     with connect(engine, 0) as client:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        workers = client.scheduler_info()["workers"].values()
         gpus = sum(bool(w.get("resources", {}).get("GPU")) for w in workers)
         return gpus, (sum(client.run(_has_cuda).values()) if cuda and gpus else 0)
 
