@@ -116,11 +116,12 @@ def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(f"tracking store {_without_password(uri)}: cannot be used ({first})") from None
+        raise StoreError(f"tracking store {without_password(uri)}: cannot be used ({first})") from None
     return uri
 
 
-def _without_password(uri: str) -> str:
+def without_password(uri: str) -> str:
+    """A store's URL as people may see it: user and password dropped."""
     if "://" not in uri:
         return uri
     scheme, rest = uri.split("://", 1)
@@ -168,7 +169,7 @@ def setup(experiment: str) -> tuple[MlflowClient, str]:
                 return client, client.get_experiment_by_name(experiment).experiment_id
     except (mlflow.exceptions.MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(f"tracking store {_without_password(uri)}: {first}") from None
+        raise StoreError(f"tracking store {without_password(uri)}: {first}") from None
 
 
 @lru_cache(maxsize=1)

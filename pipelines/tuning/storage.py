@@ -118,10 +118,7 @@ def default_storage_path() -> Path:
 def storage_label(storage: str | None) -> str:
     if storage is None:
         return str(default_storage_path())
-    if "://" not in storage:
-        return storage
-    scheme, rest = storage.split("://", 1)
-    return f"{scheme}://{rest.split('@')[-1]}"  # never print a URL's password
+    return tracking.without_password(storage)
 
 
 def open_storage(storage: str | None, settings: StorageSettings = StorageSettings()) -> BaseStorage:
