@@ -143,12 +143,19 @@ def predict(model: nn.Module, split: Split, modalities: Sequence[str] | None = N
     """(N,) float32 predictions for every row of `split`, in order, in eval mode and without grad."""
     modalities = tuple(modalities or model.modalities)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    return _predict_inputs(model, [x.to(device) for x in split.inputs(modalities)], batch_size, precision)
+
+
+@torch.no_grad()
+def _predict_inputs(model: nn.Module, inputs: Sequence[torch.Tensor], batch_size: int,
+                    precision: str = "fp32") -> np.ndarray:
+    """`predict` on feature tensors already on the model's device: [(N, T, D)] -> (N,)."""
     was_training = model.training
     model.eval()
     try:
-        with autocast(device, precision):
-            out = [model(*(x.to(device) for x in split.inputs(modalities, slice(i, i + batch_size)))).view(-1)
-                   for i in range(0, len(split), batch_size)]
+        with autocast(inputs[0].device, precision):
+            out = [model(*(x[i:i + batch_size] for x in inputs)).view(-1)
+                   for i in range(0, len(inputs[0]), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out).float().cpu().numpy()
@@ -203,6 +210,7 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
         scheduler = (CosineAnnealingLR(optimizer, T_max=tcfg.epochs * batches)
                      if tcfg.scheduler == "cosine" else None)
         x_train = [x.to(device) for x in train.inputs(modalities)]  # [(N, T, D)], moved once
+        x_valid = [x.to(device) for x in valid.inputs(modalities)]  # moved once, not every epoch
         y_train = train.labels.to(device)  # (N,)
         y_valid = valid.labels.to(device)
         shuffle = torch.Generator().manual_seed(seed)  # batch order depends on the seed alone
@@ -233,7 +241,7 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
                 loss_sum += loss.detach()
             train_loss = loss_sum.item() / batches  # mean of batch losses, as the lab prints it
 
-            val_pred = predict(model, valid, modalities, tcfg.eval_batch_size, device, precision)
+            val_pred = _predict_inputs(model, x_valid, tcfg.eval_batch_size, precision)
             # One loss over the whole split (the lab averages per-batch means; these differ only
             # through its short last batch).
             val_loss = criterion(torch.from_numpy(val_pred).to(device), y_valid).item()

@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -55,12 +56,28 @@ def live_claims() -> dict[int, int]:
     return claims
 
 
-def share(workers: int = 1, *, cores: int | None = None, claims: dict[int, int] | None = None) -> int:
-    """Torch threads for one of `workers` workers of this process: the cores divided by every live
-    command's workers (this one's counted once, registered or not), at least one."""
+def share(workers: int = 1, *, cores: int | None = None, claims: dict[int, int] | None = None,
+          owner: int | None = None) -> int:
+    """Torch threads for one of `workers` workers of the command whose process is `owner` (default:
+    this one): the cores divided by every live command's workers (the owner's counted once,
+    registered or not), at least one."""
     claims = live_claims() if claims is None else claims
-    others = sum(n for pid, n in claims.items() if pid != os.getpid())
+    owner = os.getpid() if owner is None else owner
+    others = sum(n for pid, n in claims.items() if pid != owner)
     return max(1, (cores or available()) // max(1, others + workers))
+
+
+@dataclass(frozen=True)
+class Share:
+    """A job's thread count, taken when it starts (other commands may have started or ended since):
+    one of `workers` workers of the command in process `owner`. Picklable, so that a worker process
+    can take it without counting its own command twice."""
+
+    workers: int
+    owner: int
+
+    def __call__(self) -> int:
+        return share(self.workers, owner=self.owner)
 
 
 @contextmanager
@@ -82,4 +99,4 @@ def claim(workers: int) -> Iterator[None]:
             path.unlink(missing_ok=True)
 
 
-__all__ = ["available", "share", "claim", "live_claims", "ledger_dir"]
+__all__ = ["available", "share", "Share", "claim", "live_claims", "ledger_dir"]

@@ -1,34 +1,45 @@
-"""The one worker pool: runs independent jobs on local worker processes and streams their events back.
+"""Jobs in, outcomes and events out: the one way the pipelines run independent work in parallel.
 
-Engine-shaped, so that another engine can stand behind the same call: jobs in, outcomes and events
-out. A job runs as `work(job, resources, threads, emit)`: `resources` are what `setup()` returned once
-in that worker (the data, say), `threads` its share of the cores, `emit` sends an event (a dict) to
-the caller's `on_event`. Workers record their results themselves (e.g. in a shared tracking store),
-so an outcome only needs to say how the job ended. Ctrl-C or SIGTERM stop every worker: jobs in
+Engine-shaped, so that callers never ask where their jobs run. A job runs as
+`work(job, resources, threads, emit)`: `resources` are what `setup()` returned in that worker (the
+data, say), `threads` its share of the cores (None: the worker's own setting), `emit` sends an event
+(a dict) to the caller's `on_event`. Workers record their results themselves (in a shared tracking
+store), so an outcome only says how the job ended. Ctrl-C or SIGTERM stop every worker: jobs in
 flight see a KeyboardInterrupt, queued ones never start.
+
+The `Engine` says where: one worker runs in this process; several run on a Dask LocalCluster on
+127.0.0.1 (one single-threaded process per core); with a scheduler address they run on that Dask
+cluster, on any machine that joined it (`pipelines.cluster`).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
 import signal
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipelines import cores
+from pipelines.errors import UserError
 
 Job = TypeVar("Job")
 Outcome = TypeVar("Outcome")
 Emit = Callable[[dict[str, Any]], None]
-Work = Callable[[Job, Any, int, Emit], Outcome]
+Work = Callable[[Job, Any, "int | None", Emit], Outcome]
+
+SCHEDULER_ENV = "MSA_SCHEDULER"  # tcp://HOST:PORT of a Dask scheduler, as --scheduler gives it
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by the SIGTERM handler, so that a terminated job unwinds (and records itself) as on Ctrl-C."""
+    """Raised by the SIGTERM handler (and in Dask workers on a stop), so that a terminated job unwinds
+    (and records itself) as on Ctrl-C."""
+
+
+class EngineError(UserError):
+    """The engine cannot run anything (no scheduler there, no worker with a GPU); the message says why."""
 
 
 def _raise_interrupted(signum, frame):
@@ -52,114 +63,100 @@ def threads_per_worker(workers: int) -> int:
     return cores.share(workers)
 
 
-def describe(workers: int, n_jobs: int, what: str = "runs") -> str:
-    return f"{n_jobs} {what} on {workers} worker(s) x {threads_per_worker(workers)} thread(s)"
+@dataclass(frozen=True)
+class Engine:
+    """Where jobs run. Chosen once, by the composition root (`pipelines.run`); callers pass it on."""
+
+    scheduler: str | None = None   # a running Dask scheduler (tcp://HOST:PORT); None: this machine
+    device: str = "cpu"            # what every job trains on, resolved: cpu, cuda or cuda:N
+    gpu_slots: int = 1             # this machine, on CUDA: worker processes sharing the GPU, one run each
+
+    @classmethod
+    def from_env(cls) -> Engine:
+        return cls(scheduler=os.environ.get(SCHEDULER_ENV) or None)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def local_workers(self, workers: int) -> int:
+        """Worker processes on this machine: one per GPU slot on CUDA, else as asked."""
+        return self.gpu_slots if self.uses_gpu else max(1, workers)
+
+    def threads(self, workers: int) -> cores.Share | None:
+        """Torch threads per job, taken as it starts: the cores split between this command's local
+        workers and those of other commands here; None on a cluster (its workers' own setting)."""
+        return None if self.scheduler else cores.Share(self.local_workers(workers), os.getpid())
+
+    def describe(self, workers: int, n_jobs: int, what: str = "runs") -> str:
+        where = f" on {self.device}" if self.uses_gpu else ""
+        if self.scheduler:
+            return f"{n_jobs} {what} on the Dask cluster at {self.scheduler}{where}"
+        n = self.local_workers(workers)
+        return f"{n_jobs} {what} on {n} worker(s) x {threads_per_worker(n)} thread(s){where}"
+
+
+def describe(workers: int, n_jobs: int, what: str = "runs", engine: Engine | None = None) -> str:
+    return (engine or Engine.from_env()).describe(workers, n_jobs, what)
+
+
+_JOB = threading.local()
+
+
+def current_job_key() -> str | None:
+    """The executor's key of the job this thread runs: the same for every attempt at one job (a Dask
+    retry after its worker died), different between jobs and between calls."""
+    return getattr(_JOB, "key", None)
+
+
+def set_job_key(key: str | None) -> None:
+    _JOB.key = key
 
 
 def run_jobs(jobs: Sequence[Job], work: Work, *, setup: Callable[[], Any], workers: int, on_event: Emit,
              on_done: Callable[[Outcome], None] = lambda outcome: None, local_resources: Any = None,
-             start_together: bool = False) -> list[Outcome]:
-    """Run `work` on every job over `workers` processes; returns the outcomes in completion order
-    (jobs that never started because of an interrupt have none).
+             start_together: bool = False, engine: Engine | None = None,
+             lost: Callable[[Job, str], Outcome] | None = None) -> list[Outcome]:
+    """Run `work` on every job; returns the outcomes in completion order (jobs that never started
+    because of an interrupt have none).
 
     `work` and `setup` must be picklable (module-level functions, or instances of module-level
-    classes). With one worker, jobs run in this process on `local_resources` (or `setup()`).
-    `start_together`: no job starts before every worker has finished `setup`, so that the first
-    worker up does not take all the early jobs while the others are still importing.
+    classes). `setup()` runs in a worker before its jobs and should cache what is expensive (a
+    long-lived cluster worker serves many calls). One local worker runs the jobs in this process
+    on `local_resources` (or `setup()`). `start_together`: no job starts before the workers are up,
+    so that the first one does not take all the early jobs. `lost(job, reason)`: the outcome of a
+    job whose workers kept dying (without it, that ends the call with the error); a worker that
+    dies once just has its job run again elsewhere. `engine`: where (default: `Engine.from_env()`).
     """
     install_sigterm_handler()
+    engine = engine or Engine.from_env()
     if not jobs:
         return []
-    with cores.claim(workers):
-        if workers == 1:
-            resources = local_resources if local_resources is not None else setup()
-            outcomes = []
-            for job in jobs:  # the share is taken per job: other commands may have started or ended
-                outcomes.append(work(job, resources, cores.share(1), on_event))
-                on_done(outcomes[-1])
-            return outcomes
-        return _run_in_pool(jobs, work, setup, workers, on_event, on_done, start_together)
-
-
-def _run_in_pool(jobs, work, setup, workers, on_event, on_done, start_together) -> list:
-
-    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
-    events, stop = ctx.Queue(), ctx.Event()
-    barrier = ctx.Barrier(workers) if start_together else None
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(setup, workers, events, stop, barrier))
-    outcomes: list[Outcome] = []
-    pending: set[Future] = {pool.submit(_run_in_worker, work, job) for job in jobs}
-    try:
-        while pending:
-            _drain(events, on_event)
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(events, on_event)
-            for future in done:
-                outcome = future.result()
-                if outcome is not _NOT_STARTED:
-                    outcomes.append(outcome)
-                    on_done(outcome)
-        return outcomes
-    except BaseException:
-        stop.set()  # before the signal: a worker whose job ends must not pick up a queued one
-        running = {f for f in pending if not f.cancel()}
-        stop_workers(pool, running)
-        _drain(events, on_event)
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        events.close()
-
-
-# --- inside a worker process ------------------------------------------------------------------------
-
-_NOT_STARTED = None  # what a queued job returns once the run was interrupted
-_WORKER: dict[str, Any] = {}  # this worker process's resources, pool size and channels
-
-
-def _init_worker(setup: Callable[[], Any], workers: int, events, stop, barrier) -> None:
-    install_sigterm_handler()
-    _WORKER.update(resources=setup(), workers=workers, events=events, stop=stop)
-    if barrier is not None:
-        try:
-            barrier.wait(timeout=600)
-        except threading.BrokenBarrierError:  # a worker died on the way up; the others go on without it
-            pass
-
-
-def _run_in_worker(work: Work, job: Job) -> Outcome | None:
-    if _WORKER["stop"].is_set():  # interrupted: jobs already queued here never start
-        return _NOT_STARTED
-    threads = cores.share(_WORKER["workers"])  # per job: other commands may have started or ended
-    return work(job, _WORKER["resources"], threads, _WORKER["events"].put)
-
-
-# --- in the calling process -------------------------------------------------------------------------
-
-def _drain(events, on_event: Emit) -> None:
-    while True:
-        try:
-            on_event(events.get_nowait())
-        except queue.Empty:
-            return
-        except (EOFError, OSError, ValueError):  # the queue was closed during shutdown
-            return
-
-
-def stop_workers(pool: ProcessPoolExecutor, running: Iterable[Future], timeout: float = 60) -> None:
-    """Pass SIGTERM on to a pool's workers and wait for their futures.
-
-    Ctrl-C reaches the workers by itself (same process group); SIGTERM sent to us alone does
-    not, so each worker gets it and records its job as KILLED, and its future completes."""
-    for proc in list(getattr(pool, "_processes", {}).values()):
-        if proc.is_alive():
+    threads = engine.threads(workers)
+    if engine.scheduler is not None:
+        return _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engine, start_together)
+    with cores.claim(engine.local_workers(workers)):
+        if engine.local_workers(workers) > 1:
+            return _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engine, start_together)
+        resources = local_resources if local_resources is not None else setup()
+        token = uuid.uuid4().hex[:12]
+        outcomes = []
+        for i, job in enumerate(jobs):
+            set_job_key(f"msa-{token}-{i}")
             try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    wait(list(running), timeout=timeout)
+                outcomes.append(work(job, resources, threads(), on_event))
+            finally:
+                set_job_key(None)
+            on_done(outcomes[-1])
+        return outcomes
 
 
-__all__ = ["run_jobs", "Interrupted", "install_sigterm_handler", "default_workers",
-           "threads_per_worker", "describe", "stop_workers"]
+def _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engine, start_together) -> list:
+    from pipelines.cluster import run_on_dask
+
+    return run_on_dask(jobs, work, setup=setup, workers=engine.local_workers(workers), threads=threads,
+                       on_event=on_event, on_done=on_done, lost=lost, engine=engine, start_together=start_together)
+
+
+__all__ = ["run_jobs", "Engine", "EngineError", "Interrupted", "install_sigterm_handler", "default_workers",
+           "threads_per_worker", "describe", "current_job_key", "set_job_key", "SCHEDULER_ENV"]

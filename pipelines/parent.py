@@ -9,11 +9,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from msa.config import RunConfig, stable_hash
-from pipelines import tracking
+from pipelines import claims, tracking
 from pipelines.status import RunStatus
 
 KEY_TAG = "suite_key"      # the suite's identity, on its parent run
@@ -30,11 +31,17 @@ def suite_key(suite: str, ablations: Mapping[str, RunConfig], seeds: Sequence[in
 
 def open_parent(client: MlflowClient, experiment_id: str, suite: str, key: str, *, tags: Mapping[str, str],
                 params: Mapping[str, Any]) -> tuple[str, bool]:
-    """The parent run of suite `key`: the existing one set RUNNING again (True), or a new one (False)."""
+    """The parent run of suite `key`: the existing one set RUNNING again (True), or a new one (False).
+    One that another command is running now (a live claim: the same suite started twice at once) is
+    its own: this command gets a new parent. A resumed parent takes `tags` again before it is RUNNING:
+    its claim tags (a fresh heartbeat, this process) must never make it look like a dead command's."""
     found = client.search_runs([experiment_id], filter_string=f"tags.{KEY_TAG} = '{key}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
-    if found:
+    if found and not claims.is_live(found[0]):
         run_id = found[0].info.run_id
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if claims.KILLED_REASON in found[0].data.tags:  # a dead command's parent, marked KILLED: running again
+            client.delete_tag(run_id, claims.KILLED_REASON)
         client.update_run(run_id, status=RunStatus.RUNNING)
         return run_id, True
     now = time.localtime()

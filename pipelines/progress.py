@@ -88,6 +88,16 @@ class SuiteProgress:
         self.write(f"[{self.done_runs:>{len(str(self.total_runs))}}/{self.total_runs}] {name:<30} {detail}  "
                    f"{fmt_duration(outcome.seconds)}  suite ETA {fmt_duration(self.eta())}")
 
+    def again(self, key: tuple[str, int]) -> None:
+        """A run that ended without training here (claimed elsewhere) is trained here after all."""
+        epochs, cost = self.plan[key]
+        self.finished.discard(key)
+        self.seen[key] = 0
+        self.total_runs, self.total_epochs, self.total_cost = (self.total_runs + 1, self.total_epochs + epochs,
+                                                               self.total_cost + epochs * cost)
+        self.bar.total = self.total_epochs
+        self.bar.refresh()
+
     def write(self, line: str) -> None:
         self.bar.write(line, file=self.stream)
         self.stream.flush()

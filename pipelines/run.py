@@ -7,19 +7,20 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from msa.config import ConfigError
 from msa.data import DataError
+from pipelines.arguments import positive_int, positive_seconds, seed_value
+from pipelines.engine_options import add_engine_options, engine_from_args
 from pipelines.errors import UserError, check_writable_dir
 from pipelines.spec import SpecError
 
 EXIT_USER_ERROR = 2
 REPORTS = Path("reports")  # where comparisons are written, below the working folder
-USER_ERRORS = (UserError, DataError, ConfigError, SpecError)
+USER_ERRORS = (UserError, DataError, ConfigError, SpecError)  # EngineError, StoreError, TuneError are UserErrors
 EXIT_INTERRUPTED = 130
 
 
@@ -36,6 +37,7 @@ def _ablations(args: argparse.Namespace) -> int:
     from pipelines.stages.prepare import prepare
     from pipelines.tuning import TUNED, tune_spec_for, tuned_override
 
+    engine = engine_from_args(args)  # first: a device or cluster that cannot be had writes nothing
     # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
     only = [n for n in args.only if n != TUNED] if args.only else None
     spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick,
@@ -53,7 +55,7 @@ def _ablations(args: argparse.Namespace) -> int:
         raise UserError("nothing to run: no tuning study has a best trial on this data yet "
                         "(run `python -m pipelines.run tune` first, or name other ablations)")
     result = suite.run_suite(spec, data_source=args.data, data=data, quick=args.quick, workers=args.workers,
-                             extra_ablations=extra)
+                             extra_ablations=extra, engine=engine)
     suite.report(result, *suite.compare(result))
     return 1 if result.failed else 0
 
@@ -67,16 +69,18 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the spec's, synthetic)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="only these ablations (names from the spec, or improved_tuned once `tune` has run)")
-    p.add_argument("--seeds", nargs="+", type=_seed, metavar="N", help="seeds (default: the spec's three)")
-    p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="parallel worker processes (default: one per core, cores split between them)")
+    p.add_argument("--seeds", nargs="+", type=seed_value, metavar="N", help="seeds (default: the spec's three)")
+    p.add_argument("--epochs", type=positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="parallel worker processes (default: one per core, cores split between them; "
+                        "with --scheduler the cluster's workers)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: 2 epochs, one seed, and small synthetic data with the real dims "
                         "(a --data file is used whole)")
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="train.precision of every run (default: the spec's, fp32): bf16 autocasts the forward "
                         "pass where the hardware has bf16, else warns and trains in fp32")
+    add_engine_options(p)
     p.set_defaults(func=_ablations)
 
 
@@ -185,47 +189,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_predict)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    from pipelines.spec import SEED_LIMIT
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
 def _tune(args: argparse.Namespace) -> int:
     from pipelines import suite, tuning
     from pipelines.stages.compare import format_table
 
+    engine = engine_from_args(args, optuna_storage=args.storage, uses_optuna=True)  # first: it writes nothing
     spec = tuning.load_tune_spec(args.spec)
     _check_outputs(REPORTS, args.storage, study=True)
     done = tuning.tune(spec, data_source=args.data, quick=args.quick,
                        epochs=args.epochs, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                       study_name=args.study, workers=args.workers)
+                       study_name=args.study, workers=args.workers, engine=engine)
     print(tuning.summary(done.session))
     if done.comparison is not None:
         print("\n" + format_table(done.comparison))
@@ -246,22 +219,23 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                                    "becomes the ablation 'improved_tuned', trained over the suite's seeds and "
                                    "compared with the baseline and 'improved'. Re-running continues the study.")
     p.add_argument("--spec", metavar="FILE", help="tune spec (default: pipelines/specs/tune.yaml)")
-    p.add_argument("--trials", type=_positive_int, metavar="N",
+    p.add_argument("--trials", type=positive_int, metavar="N",
                    help="the study's total trials to reach (default: the spec's 50, or 8 with --quick); "
                         "a re-run runs only what is missing, so raise N to search further")
-    p.add_argument("--timeout", type=_positive_seconds, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--timeout", type=positive_seconds, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--storage", metavar="URL|PATH",
                    help="Optuna storage: a URL (postgresql://... for several machines) or a journal file "
                         "(default: mlruns/optuna/journal.log)")
     p.add_argument("--study", metavar="NAME", help="study name (default: the spec's, with -quick for --quick)")
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the ablations spec's)")
-    p.add_argument("--epochs", type=_positive_int, metavar="N",
+    p.add_argument("--epochs", type=positive_int, metavar="N",
                    help="epochs per trial and per final run (default: the ablations spec's)")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="local processes searching the study together (default 1: reproducible trial by "
-                        "trial); cores are split between them")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="search loops working on the study together, each a local process or, with "
+                        "--scheduler, a task on the cluster (default 1: reproducible trial by trial)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: small synthetic data, 2 epochs per trial, few trials")
+    add_engine_options(p)
     p.set_defaults(func=_tune)
 
 

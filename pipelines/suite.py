@@ -21,8 +21,8 @@ from mlflow.exceptions import MlflowException
 from msa.data import MOSIData
 from msa.metrics import eval_mosi_regression
 from msa.models import relative_cost
-from pipelines import parent, registry, tracking
-from pipelines.executor import default_workers, describe, run_jobs
+from pipelines import claims, parent, registry, tracking
+from pipelines.executor import Engine, default_workers, run_jobs
 from pipelines.progress import SuiteProgress, fmt_duration
 from pipelines.registry import Champion
 from pipelines.spec import Spec, load_spec
@@ -93,11 +93,15 @@ def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
 
 def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False, workers: int | None = None,
               stream: TextIO | None = None, extra_ablations: Mapping[str, Mapping[str, Any]] | None = None,
-              suite_name: str = "ablations", data: MOSIData | None = None) -> SuiteResult:
+              suite_name: str = "ablations", data: MOSIData | None = None, engine: Engine | None = None
+              ) -> SuiteResult:
     """Train and evaluate every (ablation, seed) of `spec` (plus `extra_ablations`, overrides of its
     base, e.g. the tuned model) that the store does not hold yet, under one parent run. `data`, when
-    given, is used in this process instead of loading the source again (worker processes load it)."""
+    given, is used in this process instead of loading the source again (worker processes load it).
+    `engine`: where the runs train (default: `Engine.from_env()`). A run another suite is training
+    meanwhile is waited for, not trained twice; one whose claim died is trained here."""
     stream = stream or sys.stderr
+    engine = engine or Engine.from_env()
     source = data_source or spec.data
     for name, override in (extra_ablations or {}).items():
         spec = spec.with_ablation(name, override)
@@ -108,6 +112,7 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
         say(f"including '{name}'")
 
     client, experiment_id = tracking.setup(spec.experiment)
+    claims.kill_stale(client, experiment_id)  # runs and suites whose process died: KILLED, not RUNNING forever
     planned = [(ablation, seed, tracking.run_key(config.to_dict(), data.digest, seed))
                for ablation, config in spec.ablations.items() for seed in spec.seeds]
     cached = tracking.finished_runs(client, experiment_id, [k for *_, k in planned])
@@ -121,28 +126,29 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
         client, experiment_id, suite_name, key,
         tags={"suite": suite_name, "spec": spec.path, "synthetic": str(data.synthetic).lower(),
               "data_digest": data.digest, "data_source": data.source, "code_version": tracking.code_version(),
-              "quick": str(quick).lower()},
+              "quick": str(quick).lower(), **claims.claim_tags()},
         params={"ablations": ",".join(spec.ablations), "seeds": ",".join(map(str, spec.seeds)),
                 "epochs": epochs, "n_runs": len(planned)})
     note = partial(parent.describe, client, parent_id, experiment=spec.experiment, experiment_id=experiment_id,
-                       spec_path=spec.path, ablations=list(spec.ablations), seeds=spec.seeds, epochs=epochs,
-                       data_source=data.source, data_digest=data.digest, synthetic=data.synthetic)
+                   spec_path=spec.path, ablations=list(spec.ablations), seeds=spec.seeds, epochs=epochs,
+                   data_source=data.source, data_digest=data.digest, synthetic=data.synthetic)
     if resumed:
         say(f"resuming suite run {parent_id} (the same suite ran before)")
-    with tracking.recorded_run(client, parent_id):
+    with claims.Heartbeat(client, parent_id), tracking.recorded_run(client, parent_id):
         if not resumed:
             note()
             tracking.log_dataset(client, parent_id, data)
             if data.has_oracle:  # the best score reachable on synthetic data, for the comparison's oracle row
                 oracle = eval_mosi_regression(data["test"].oracle, data["test"].labels)
                 tracking.log_metrics(client, parent_id, {f"oracle_test_{k}": v for k, v in oracle.items()})
-        tb_dir = str(tracking.tensorboard_dir(spec.experiment))
-        tasks = [RunTask(a, s, spec.ablations[a], k, experiment_id, parent_id, tb_dir)
-                 for a, s, k in planned if k not in cached]
+        # With a tracking server, workers on other machines cannot write to a folder here.
+        tb_dir = str(tracking.tensorboard_dir(spec.experiment)) if tracking.is_local_store() else ""
+        tasks = [RunTask(a, s, spec.ablations[a], k, experiment_id, parent_id, tb_dir, data_digest=data.digest,
+                         device=engine.device) for a, s, k in planned if k not in cached]
         tasks.sort(key=estimated_cost, reverse=True)  # longest first: no long run left alone at the end
         workers = workers or default_workers(len(tasks))
         say(f"{len(planned)} runs in experiment '{spec.experiment}': {len(rows)} cached, "
-            + (describe(workers, len(tasks)) if tasks else "nothing to train"))
+            + (engine.describe(workers, len(tasks)) if tasks else "nothing to train"))
 
         # (epochs, cost of one epoch) per run: the ETA weighs epochs by what they cost
         plan = {(t.ablation, t.seed): (t.config.train.epochs, estimated_cost(t) / t.config.train.epochs) for t in tasks}
@@ -155,9 +161,13 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
             rows[key] = SuiteRow(outcome.ablation, outcome.seed, run_keys[key], outcome.run_id, outcome.status,
                                  outcome.test_metrics or {}, outcome.error)
 
+        setup = WorkerSetup(source, quick, tracking.tracking_uri(), data.digest)
         try:
-            run_jobs(tasks, execute, setup=WorkerSetup(source, quick, tracking.tracking_uri()),
-                     workers=workers, on_event=progress.on_event, on_done=on_done, local_resources=data)
+            pending = tasks
+            while pending:
+                run_jobs(pending, execute, setup=setup, workers=workers, on_event=progress.on_event, on_done=on_done,
+                         local_resources=data, engine=engine, lost=_lost)
+                pending = _wait_for_elsewhere(client, experiment_id, pending, rows, progress, say)
         finally:
             progress.close()
             ordered = [rows.get((a, s)) or SuiteRow(a, s, k, None, RunStatus.KILLED) for a, s, k in planned]
@@ -183,6 +193,32 @@ def _crown(client, spec: Spec, data: MOSIData, result: SuiteResult, key: str) ->
                               suite_label=parent.label_of(client.get_run(result.parent_run_id)))
     except MlflowException as e:
         return None, f"no champion registered: {str(e).splitlines()[0]}"
+
+
+def _lost(task: RunTask, reason: str) -> RunOutcome:
+    return RunOutcome(task.ablation, task.seed, RunStatus.FAILED, None, 0.0, error=reason)
+
+
+def _wait_for_elsewhere(client, experiment_id: str, tasks: list[RunTask], rows: dict, progress: SuiteProgress,
+                        say) -> list[RunTask]:
+    """Wait for the tasks another suite claimed; those it finished become CACHED rows, those whose
+    claim died (or failed) are returned, to be trained here."""
+    elsewhere = [t for t in tasks if rows[(t.ablation, t.seed)].status == RunStatus.RUNNING]
+    if not elsewhere:
+        return []
+    say(f"waiting for {len(elsewhere)} run(s) that another suite is training: "
+        + ", ".join(tracking.run_name(t.ablation, t.seed) for t in elsewhere))
+    done = claims.wait_for(client, experiment_id, [t.run_key for t in elsewhere])
+    again = []
+    for t in elsewhere:
+        run = done[t.run_key]
+        if run is None:
+            again.append(t)
+            progress.again((t.ablation, t.seed))
+        else:
+            rows[(t.ablation, t.seed)] = SuiteRow(t.ablation, t.seed, t.run_key, run.info.run_id, RunStatus.CACHED,
+                                                  _test_metrics(run))
+    return again
 
 
 def estimated_cost(task: RunTask) -> float:
@@ -227,7 +263,12 @@ def report(result: SuiteResult, comparison: Comparison | None = None, note: str 
         print(f"Predict: python -m pipelines.run predict --model {result.champion.uri} --data FILE|synthetic",
               file=stream)
     print(f"Browse: {tracking.ui_hint(result.experiment_id)}", file=stream)
-    print(f"Curves: tensorboard --logdir {tracking.tensorboard_dir(result.experiment)}", file=stream)
+    if tracking.is_local_store():
+        print(f"Curves: tensorboard --logdir {tracking.tensorboard_dir(result.experiment)}", file=stream)
+    else:  # the event files are each run's artifacts under tensorboard/, on the server
+        run_id = next((r.run_id for r in result.rows if r.status.usable and r.run_id), "<run id>")
+        print(f"Curves: mlflow artifacts download -r {run_id} -a tensorboard -d tb && tensorboard --logdir tb  "
+              "(any run of the suite; each holds its TensorBoard events under tensorboard/)", file=stream)
 
 
 __all__ = ["resolve_spec", "run_suite", "compare", "report", "SuiteResult", "SuiteRow", "SUITE_FILE"]

@@ -49,6 +49,11 @@ def local_root() -> Path:
     return MLRUNS.resolve()
 
 
+def is_local_store() -> bool:
+    """A SQLite file on this machine (the default), as opposed to a tracking server others can reach."""
+    return tracking_uri().startswith("sqlite:")
+
+
 def tensorboard_dir(experiment: str) -> Path:
     """TensorBoard logs of an experiment: `tensorboard --logdir <this>` shows every run."""
     return local_root() / "tensorboard" / experiment

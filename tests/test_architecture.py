@@ -11,11 +11,13 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("msa",),
     ("pipelines.status", "pipelines.errors"),
-    ("pipelines.tracking", "pipelines.executor", "pipelines.spec", "pipelines.progress", "pipelines.cores"),
+    ("pipelines.tracking", "pipelines.executor", "pipelines.cluster", "pipelines.claims", "pipelines.devices",
+     "pipelines.spec", "pipelines.progress", "pipelines.cores"),
     ("pipelines.stages", "pipelines.comparison", "pipelines.parent", "pipelines.registry"),
     ("pipelines.suite",),
     ("pipelines.tuning", "pipelines.tune"),
-    ("pipelines.run", "pipelines"),  # the package itself: an empty __init__
+    # the CLI, and the package itself (an empty __init__)
+    ("pipelines.run", "pipelines.engine_options", "pipelines.arguments", "pipelines"),
 ]
 
 

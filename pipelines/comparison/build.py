@@ -51,7 +51,7 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
         modality_subsets=modality_subsets(records, baseline), experiment=experiment,
         suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
         test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records),
-        left_out=tuple(left_out))
+        left_out=tuple(left_out), n_running=store.still_running(client, experiment_id, rows))
     out = Path(out_dir) if out_dir else default_report_dir(experiment, label_of(parent))
     comparison.paths = write_reports(comparison, out.resolve())
     if latest and out_dir is None:

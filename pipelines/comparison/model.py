@@ -54,6 +54,7 @@ class Comparison:
     seeds: tuple[int, ...]
     left_out: tuple[str, ...] = ()        # FINISHED runs without a finite test score, in words
     paths: dict[str, Path] = field(default_factory=dict)  # file name -> where it was written
+    n_running: int = 0                    # runs of the suite still RUNNING (not counted until FINISHED)
 
     @property
     def ablations(self) -> list[str]:

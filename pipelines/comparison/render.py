@@ -91,6 +91,9 @@ def format_table(c: Comparison) -> str:
                  "(comparison.md says exactly how).")
     lines += [f"  {line}" for line in special_tests(c)]
     lines += [f"Left out: {note}" for note in c.left_out]
+    if c.n_running:
+        lines.append(f"{c.n_running} run(s) of this suite still running: counted once FINISHED "
+                     "(`python -m pipelines.run compare` again then).")
     return "\n".join(lines)
 
 
@@ -113,6 +116,7 @@ def to_markdown(c: Comparison) -> str:
                  "not as findings about MOSI."), ""]
     out += [meta_line(c), ""]
     out += [*(f"- Left out: {note}" for note in c.left_out), ""] if c.left_out else []
+    out += [f"- Still running, counted once FINISHED: {c.n_running} run(s) of this suite", ""] if c.n_running else []
     out += ["## Test metrics (mean ± std over seeds; mark against the baseline)", ""]
     rows = [[f"**{a}**" if r["role"] == "baseline" else (f"*{a}*" if r["role"] == ORACLE else a), n_runs(r)]
             + [f"{mean_std(r, m)} {r[f'{m}_mark']}".rstrip() for m in DISPLAY_METRICS]

@@ -111,6 +111,22 @@ def _usable(row: dict) -> bool:
     return row.get("status") in _USABLE and bool(row.get("run_id"))
 
 
+def _usable_or_running(row: dict) -> bool:
+    return _usable(row) or (row.get("status") == RunStatus.RUNNING and bool(row.get("run_id")))
+
+
+def still_running(client: MlflowClient, experiment_id: str, rows: list[dict]) -> int:
+    """How many of the suite's (ablation, seed) are RUNNING now (here or in another suite) without a
+    FINISHED run in the suite: the comparison leaves them out until they finish."""
+    done = {row["run_id"] for row in rows if _usable(row)}
+    keys = {row.get("run_key") for row in rows if row.get("run_id") not in done}
+    ids = {row.get("run_id") for row in rows if row.get("run_id") not in done}
+    running = client.search_runs([experiment_id], filter_string=f"attributes.status = '{RunStatus.RUNNING}'",
+                                 max_results=1000)
+    return len({r.data.tags.get("run_key") or r.info.run_id for r in running
+                if r.data.tags.get("run_key") in keys or r.info.run_id in ids})
+
+
 def _suite_rows(client: MlflowClient, run_id: str) -> list[dict] | None:
     if "suite.json" not in {a.path for a in client.list_artifacts(run_id)}:
         return None
@@ -125,12 +141,13 @@ def suite_order(parent: Run, rows: list[dict]) -> list[str]:
 
 
 def load_runs(client: MlflowClient, rows: list[dict]) -> tuple[list[RunRecord], list[str]]:
-    """The FINISHED child runs behind the suite's finished and cached rows, with their test predictions;
-    and, in words, the FINISHED runs left out because they hold no finite test score (a run that
-    trained to NaN, recorded before such runs were failed)."""
+    """The FINISHED child runs behind the suite's finished and cached rows (and rows that were running
+    elsewhere when the suite ended, once FINISHED), with their test predictions; and, in words, the
+    FINISHED runs left out because they hold no finite test score (a run that trained to NaN, recorded
+    before such runs were failed)."""
     records, left_out = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in filter(_usable, rows):
+        for row in filter(_usable_or_running, rows):
             run = client.get_run(row["run_id"])
             if run.info.status != RunStatus.FINISHED:
                 continue

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -30,7 +32,7 @@ from msa.config import RunConfig
 from msa.data import MOSIData
 from msa.models import tracing_mode
 from msa.training import fit
-from pipelines import tracking
+from pipelines import claims, tracking
 from pipelines.stages.evaluate import evaluate
 from pipelines.stages.prepare import prepare
 from pipelines.status import RunStatus
@@ -52,15 +54,17 @@ class RunTask:
     run_key: str
     experiment_id: str
     parent_run_id: str | None
-    tensorboard_dir: str
+    tensorboard_dir: str                 # "" for a tracking server: the events travel as artifacts only
     extra_tags: tuple[tuple[str, str], ...] = ()
+    data_digest: str = ""                # the suite's data; a worker that loaded other data fails the run
+    device: str = "cpu"                  # cpu, cuda or cuda:N
 
 
 @dataclass
 class RunOutcome:
     ablation: str
     seed: int
-    status: RunStatus                    # FINISHED | FAILED | KILLED
+    status: RunStatus                    # FINISHED | FAILED | KILLED; CACHED or RUNNING: done or claimed elsewhere
     run_id: str | None
     seconds: float
     test_metrics: dict[str, float] | None = None
@@ -70,36 +74,63 @@ class RunOutcome:
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    """What a worker process does once, before its first run: reach the same tracking store, and
-    load the data as the main process did (a synthetic set comes from the cache, so it is fast)."""
+    """What a worker does before its runs: reach the same tracking store, and load the data as the
+    main process did (once per worker: a long-lived cluster worker keeps the last few data sets)."""
 
     source: str
     quick: bool
     tracking_uri: str
+    digest: str = ""  # the suite's data digest: what the worker loads must have it
 
     def __call__(self) -> MOSIData:
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
-        return prepare(self.source, quick=self.quick)
+        key = (self.source, self.quick, self.digest)
+        if key not in _LOADED:
+            data = prepare(self.source, quick=self.quick)
+            if self.digest and data.digest != self.digest:
+                return data  # not kept: the file may be fixed by the next run; execute says what is wrong
+            _LOADED[key] = data
+            while len(_LOADED) > 2:
+                _LOADED.pop(next(iter(_LOADED)))
+        return _LOADED[key]
+
+
+_LOADED: dict[tuple[str, bool, str], MOSIData] = {}
 
 
 def execute(task: RunTask, data: MOSIData, threads: int | None = None, progress: Progress | None = None
             ) -> RunOutcome:
-    """Train, select on validation, test once, record everything; never raises for a failed run
-    (only an interrupt propagates, with the run recorded KILLED)."""
+    """Claim the run, train, select on validation, test once, record everything; never raises for a
+    failed run (only an interrupt propagates, with the run recorded KILLED). A run FINISHED or claimed
+    elsewhere meanwhile is not trained: its outcome is CACHED or RUNNING, saying where."""
     start = time.monotonic()
+    if task.data_digest and data.digest != task.data_digest:
+        return RunOutcome(task.ablation, task.seed, RunStatus.FAILED, None, time.monotonic() - start,
+                          error=f"DataError: worker {socket.gethostname()} loaded '{data.source}' with digest "
+                                f"{data.digest}, the suite's data has digest {task.data_digest}: every machine "
+                                "must see the same data file (same path, same content)")
     client = MlflowClient(tracking.tracking_uri())
+    taken = claims.find_taken(client, task.experiment_id, task.run_key)
     tags = {
         "ablation": task.ablation, "seed": str(task.seed), "run_key": task.run_key,
         "config_hash": task.config.config_hash(), "data_digest": data.digest,
         "synthetic": str(data.synthetic).lower(), "code_version": tracking.code_version(),
-        "data_source": data.source, **dict(task.extra_tags),
+        "data_source": data.source, "device": task.device, **dict(task.extra_tags), **claims.claim_tags(),
     }
     params = {**task.config.flat(), "seed": task.seed, **{f"data.dim.{m}": d for m, d in data.dims.items()}}
-    run_id = tracking.start_run(client, task.experiment_id, tracking.run_name(task.ablation, task.seed), tags=tags,
-                                params=params, parent_run_id=task.parent_run_id)
+    if taken is None:
+        run_id = tracking.start_run(client, task.experiment_id, tracking.run_name(task.ablation, task.seed),
+                                    tags=tags, params=params, parent_run_id=task.parent_run_id)
+        taken = claims.settle(client, task.experiment_id, task.run_key, run_id)
+    if taken is not None:
+        return _done_elsewhere(task, taken, time.monotonic() - start)
     try:
-        with tracking.recorded_run(client, run_id):
-            outcome = _train_and_evaluate(client, run_id, task, data, threads, progress, params)
+        with claims.Heartbeat(client, run_id, experiment_id=task.experiment_id, run_key=task.run_key) as beat, \
+                tracking.recorded_run(client, run_id):
+            outcome = _train_and_evaluate(client, run_id, task, data, threads, progress, params, beat.check)
+    except claims.ClaimLost as e:  # recorded KILLED; whoever holds the key now finishes it
+        client.set_tag(run_id, "error", str(e))
+        return RunOutcome(task.ablation, task.seed, RunStatus.RUNNING, run_id, time.monotonic() - start, error=str(e))
     except Exception as e:  # one failing run must not stop the suite; recorded_run has recorded the error
         return RunOutcome(task.ablation, task.seed, RunStatus.FAILED, run_id, time.monotonic() - start,
                           error=f"{type(e).__name__}: {e}")
@@ -107,15 +138,38 @@ def execute(task: RunTask, data: MOSIData, threads: int | None = None, progress:
     return outcome
 
 
+def _done_elsewhere(task: RunTask, taken: claims.Taken, seconds: float) -> RunOutcome:
+    run = taken.run
+    if taken.finished:
+        return RunOutcome(task.ablation, task.seed, RunStatus.CACHED, run.info.run_id, seconds,
+                          test_metrics={k.removeprefix("test_"): v for k, v in run.data.metrics.items()
+                                        if k.startswith("test_")}, error=taken.describe())
+    return RunOutcome(task.ablation, task.seed, RunStatus.RUNNING, run.info.run_id, seconds, error=taken.describe())
+
+
 def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: MOSIData, threads: int | None,
-                        progress: Progress | None, params: dict[str, Any]) -> RunOutcome:
+                        progress: Progress | None, params: dict[str, Any], check_claim: Callable[[], None]
+                        ) -> RunOutcome:
+    # A tracking server: the event files are written to a scratch folder and travel as artifacts.
+    tb_root = task.tensorboard_dir or tempfile.mkdtemp(prefix="msa-tensorboard-")
+    try:
+        return _train_evaluate_log(client, run_id, task, data, threads, progress, params, check_claim, Path(tb_root))
+    finally:
+        if not task.tensorboard_dir:
+            shutil.rmtree(tb_root, ignore_errors=True)
+
+
+def _train_evaluate_log(client: MlflowClient, run_id: str, task: RunTask, data: MOSIData, threads: int | None,
+                        progress: Progress | None, params: dict[str, Any], check_claim: Callable[[], None],
+                        tb_root: Path) -> RunOutcome:
     cfg = task.config
     tracking.log_dataset(client, run_id, data)
     # One folder per MLflow run: a retried or re-configured run never mixes its curves with another's.
-    tb_dir = Path(task.tensorboard_dir) / task.ablation / f"seed-{task.seed}" / run_id[:8]
+    tb_dir = tb_root / task.ablation / f"seed-{task.seed}" / run_id[:8]
     log_epoch = tracking.EpochLogger(client, run_id, tensorboard_dir=tb_dir, select_key=cfg.train.select_key)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        check_claim()
         log_epoch(epoch, metrics)
         if progress:
             progress({"event": "epoch", "ablation": task.ablation, "seed": task.seed, "epoch": epoch,
@@ -125,7 +179,8 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
     try:
         with warnings.catch_warnings():  # the command said it once; each run records it as precision_used
             warnings.filterwarnings("ignore", message="bf16 was asked for", category=RuntimeWarning)
-            result = fit(cfg, data, seed=task.seed, callback=on_epoch, threads=threads, evaluate_test=False)
+            result = fit(cfg, data, seed=task.seed, callback=on_epoch, threads=threads, evaluate_test=False,
+                         device=task.device)
         model = result.model.cpu().eval()
         test_metrics, predictions = evaluate(model, data["test"], cfg.train.eval_batch_size)
         problem = non_finite(result, test_metrics, cfg.train.select_key)
@@ -148,6 +203,7 @@ def _train_and_evaluate(client: MlflowClient, run_id: str, task: RunTask, data: 
     # After the model: log_model copies the run's step-0 metrics onto it, without their data set.
     tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in test_metrics.items()}, model_id=model_id,
                          data=data)
+    check_claim()
     return RunOutcome(task.ablation, task.seed, RunStatus.FINISHED, run_id, 0.0,
                       test_metrics=test_metrics, best_epoch=result.best_epoch)
 

@@ -47,12 +47,13 @@ class TrialSetup:
     metric_key: str                            # the metric's key in fit's per-epoch metrics
     direction: str                             # maximize | minimize
     space: dict[str, Param]
+    device: str = "cpu"                        # cpu, cuda or cuda:N
 
     @classmethod
-    def from_specs(cls, spec: TuneSpec, suite_spec: Spec) -> TrialSetup:
+    def from_specs(cls, spec: TuneSpec, suite_spec: Spec, device: str = "cpu") -> TrialSetup:
         return cls(base=suite_spec.base, base_override=suite_spec.overrides[spec.base],
                    epochs=suite_spec.ablations[spec.base].train.epochs, seeds=spec.seeds, metric=spec.metric,
-                   metric_key=spec.metric_key, direction=spec.direction, space=spec.space)
+                   metric_key=spec.metric_key, direction=spec.direction, space=spec.space, device=device)
 
     @property
     def steps(self) -> int:
@@ -197,7 +198,8 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
 
         with warnings.catch_warnings():  # the undefined Corr above is expected, and handled
             warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
-            result = fit(config, data, seed=seed, callback=on_epoch, threads=threads, evaluate_test=False)
+            result = fit(config, data, seed=seed, callback=on_epoch, threads=threads, evaluate_test=False,
+                         device=setup.device)
         if result.stop_reason == "callback":
             raise optuna.TrialPruned(f"pruned at step {last['step']}")
         results.append(score(result.history[result.best_epoch - 1][setup.metric_key]))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from pipelines import suite
+from pipelines.executor import Engine
 from pipelines.stages.compare import Comparison
 from pipelines.tuning.handover import TUNED
 from pipelines.tuning.session import StudySession, run_study
@@ -25,10 +26,11 @@ class TuneResult:
 
 def tune(spec: TuneSpec, *, data_source: str | None = None, quick: bool = False, epochs: int | None = None,
          trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-         study_name: str | None = None, workers: int | None = None, stream: TextIO | None = None) -> TuneResult:
+         study_name: str | None = None, workers: int | None = None, stream: TextIO | None = None,
+         engine: Engine | None = None) -> TuneResult:
     stream = stream or sys.stderr
     session = run_study(spec, data_source=data_source, quick=quick, epochs=epochs, trials=trials, timeout=timeout,
-                        storage=storage, study_name=study_name, workers=workers or 1, stream=stream)
+                        storage=storage, study_name=study_name, workers=workers or 1, stream=stream, engine=engine)
     if session.override is None:
         return TuneResult(session, None, comparison_note=f"study '{session.study}' has no COMPLETE trial yet: "
                                                          "nothing to add to the comparison")
@@ -36,7 +38,7 @@ def tune(spec: TuneSpec, *, data_source: str | None = None, quick: bool = False,
     suite_spec = (suite_spec.select(spec.compare_with) if spec.compare_with
                   else dataclasses.replace(suite_spec, ablations={}, overrides={}))
     result = suite.run_suite(suite_spec, data_source=data_source, quick=quick, workers=workers, stream=stream,
-                             extra_ablations={TUNED: session.override}, suite_name="tune")
+                             extra_ablations={TUNED: session.override}, suite_name="tune", engine=engine)
     comparison, note = suite.compare(result)
     return TuneResult(session, result, comparison, note)
 

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from msa.data import MOSIData
-from pipelines import cores, tracking
-from pipelines.executor import run_jobs, threads_per_worker
+from msa.data import DataError, MOSIData
+from pipelines import claims, cores, tracking
+from pipelines.executor import Engine, run_jobs
 from pipelines.spec import Spec
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import WorkerSetup
@@ -46,10 +46,10 @@ class WorkerJob:
     spec: TuneSpec
     setup: TrialSetup
     where: TrialTracking | None
-    workers: int                               # the session's workers, for their share of the cores
+    threads: cores.Share | None                # each trial's share of the cores (None: the worker's own setting)
 
 
-def optimize(job: WorkerJob, data: MOSIData, threads: int, emit: Emit) -> None:
+def optimize(job: WorkerJob, data: MOSIData, threads: int | None, emit: Emit) -> None:
     """A worker's loop: take trials from the shared study until it holds `target` of them, then run
     any trial still queued (a dead worker's trial, re-queued: its failed predecessor counts towards
     the target, so without this the re-queued one would wait forever and the study would stall)."""
@@ -58,10 +58,15 @@ def optimize(job: WorkerJob, data: MOSIData, threads: int, emit: Emit) -> None:
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings),
                               sampler=make_sampler(job.spec.sampler, job.sampler_seed),
                               pruner=make_pruner(job.spec.pruner, job.setup.steps))
+    searched_on = study.user_attrs.get("data_digest")
+    if searched_on is not None and searched_on != data.digest:
+        raise DataError(f"a tune worker loaded '{data.source}' with digest {data.digest}; study '{job.study}' is "
+                        f"searched on data with digest {searched_on}: every machine must see the same data file")
 
     def trial(t: optuna.Trial) -> float:
         # The share of the cores is taken per trial: another session may have started or ended.
-        return objective(t, job.setup, data, where=job.where, threads=cores.share(job.workers), emit=emit)
+        return objective(t, job.setup, data, where=job.where, threads=job.threads() if job.threads else threads,
+                         emit=emit)
 
     # Counting running trials too keeps parallel workers from overshooting the target.
     if len(study.get_trials(deepcopy=False, states=COUNTED)) < job.target:
@@ -101,18 +106,20 @@ class StudySession:
 def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = False, epochs: int | None = None,
               trials: int | None = None, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, workers: int = 1, stream: TextIO | None = None,
-              data: MOSIData | None = None) -> StudySession:
+              data: MOSIData | None = None, engine: Engine | None = None) -> StudySession:
     """Run (or continue) the study until it holds `trials` trials or `timeout` seconds pass, on
-    `workers` local processes sharing the storage; record it all under one MLflow parent run.
+    `workers` search loops sharing the storage (each a job of `engine`: a local process, or a task on a
+    Dask cluster); record it all under one MLflow parent run.
     `data`, when given, is used in this process instead of loading `data_source` (workers load it)."""
     stream = stream or sys.stderr
+    engine = engine or Engine.from_env()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     suite_spec = resolve_spec(spec.ablations, only=None, seeds=None, epochs=epochs, quick=quick)
     source = data_source or suite_spec.data
     data = data if data is not None else prepare(source, quick=quick)
     print(data.summary().splitlines()[0], file=stream, flush=True)
-    setup = TrialSetup.from_specs(spec, suite_spec)
+    setup = TrialSetup.from_specs(spec, suite_spec, device=engine.device)
     name = study_name or default_study_name(spec, quick)
     target = trials or (spec.quick_trials if quick else spec.trials)
     study = _open_study(spec, storage, name, setup, data)
@@ -125,27 +132,28 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
 
     experiment = spec.experiment or suite_spec.experiment
     client, experiment_id = tracking.setup(experiment)
+    claims.kill_stale(client, experiment_id)  # sessions and suites whose process died: KILLED, not RUNNING
     tags = {"synthetic": str(data.synthetic).lower(), "data_digest": data.digest, "data_source": data.source,
             "code_version": tracking.code_version()}
     # No `suite` tag: the comparison looks for suite parents by it, and a study session is not one.
     parent_id = tracking.start_run(
         client, experiment_id, f"tune {name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={"tune_study": name, "optuna_study": name, "optuna_storage": storage_label(storage),
-              "quick": str(quick).lower(), **tags},
+              "quick": str(quick).lower(), **tags, **claims.claim_tags()},
         params={"study": name, "trials_target": target, "timeout": timeout, "metric": spec.metric,
                 "direction": spec.direction, "epochs": setup.epochs, "seeds": ",".join(map(str, setup.seeds)),
                 "base": spec.base, "pruner": spec.pruner.get("type", "median"),
                 "sampler_seed": spec.sampler.get("seed"), "workers": workers, "tune_spec": spec.path,
                 "ablations_spec": spec.ablations})
-    with tracking.recorded_run(client, parent_id):
+    with claims.Heartbeat(client, parent_id), tracking.recorded_run(client, parent_id):
         where = TrialTracking(tracking.tracking_uri(), experiment_id, parent_id, name, tuple(tags.items()))
         jobs = [WorkerJob(storage, spec.storage, name, target, timeout,
                           session_seed(int(spec.sampler.get("seed", 0)), n_before, w), spec, setup, where,
-                          workers)
+                          engine.threads(workers))
                 for w in range(workers)]
         done = len(study.get_trials(deepcopy=False, states=COUNTED))
         print(f"study '{name}' ({storage_label(storage)}): {done} of {target} trials done or running; "
-              f"{workers} worker(s) x {threads_per_worker(workers)} thread(s), "
+              f"{engine.describe(workers, workers, 'search loops')}, "
               f"{setup.epochs} epochs x {len(setup.seeds)} seed(s) per trial, validation {spec.metric} "
               f"({spec.direction}), pruner {spec.pruner.get('type', 'median')}",
               file=stream, flush=True)
@@ -155,8 +163,8 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
                 print(event["line"], file=stream, flush=True)
 
         try:
-            run_jobs(jobs, optimize, setup=WorkerSetup(source, quick, tracking.tracking_uri()), workers=workers,
-                     on_event=on_event, local_resources=data, start_together=True)
+            run_jobs(jobs, optimize, setup=WorkerSetup(source, quick, tracking.tracking_uri(), data.digest),
+                     workers=workers, on_event=on_event, local_resources=data, start_together=True, engine=engine)
         finally:
             session = _finish_session(spec, storage, study, n_before, client, experiment, experiment_id, parent_id,
                                       data, suite_spec, started)

@@ -1,7 +1,9 @@
 """The worker pool: jobs in, outcomes and events out, the same in one process and in several."""
 
 import os
+import signal
 
+import dask
 import pytest
 
 from pipelines.executor import describe, run_jobs
@@ -51,3 +53,30 @@ def test_an_error_in_a_job_reaches_the_caller():
 
 def test_describe():
     assert describe(2, 13).startswith("13 runs on 2 worker(s) x ")
+
+
+class KillsItsWorker:
+    """Picklable: a job that kills its worker process (as the kernel's OOM killer would), every time
+    or only on its first attempt."""
+
+    def __init__(self, marker: str, always: bool):
+        self.marker, self.always = marker, always
+
+    def __call__(self, job, resources, threads, emit):
+        if job == "victim" and (self.always or not os.path.exists(self.marker)):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return job
+
+
+def test_a_job_whose_worker_dies_runs_again_and_one_that_always_kills_it_is_lost(tmp_path):
+    once = run_jobs(["victim", 1, 2], KillsItsWorker(str(tmp_path / "once"), always=False), setup=Setup(), workers=2,
+                    on_event=lambda e: None)
+    assert sorted(map(str, once)) == ["1", "2", "victim"]               # redone; the others went on
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        outcomes = run_jobs(["victim", 3], KillsItsWorker(str(tmp_path / "always"), always=True), setup=Setup(),
+                            workers=2, on_event=lambda e: None, lost=lambda job, reason: ("lost", job, reason))
+    lost = [o for o in outcomes if isinstance(o, tuple)]
+    assert 3 in outcomes and len(lost) == 1 and lost[0][1] == "victim"
+    assert lost[0][2].startswith("its worker died on every attempt")

@@ -108,6 +108,10 @@ def test_the_core_share_counts_every_live_command(tmp_path, monkeypatch):
     assert cores.share(1, cores=2, claims={12345: 1}) == 1             # another session: half each
     assert cores.share(1, cores=2, claims={12345: 4}) == 1             # never less than one thread
     assert cores.share(1, cores=16, claims={12345: 1, 23456: 2, me: 1}) == 4   # ours counted once
+    # A worker process takes the share of the command that claimed it, whose claim is not another's:
+    # 2 workers on 8 cores get 4 threads each, not 8 // (2 + 2).
+    assert cores.share(2, cores=8, claims={me: 2}, owner=me) == 4
+    assert cores.Share(2, owner=12345)() == cores.share(2, owner=12345)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (tmp_path / "ledger").mkdir()

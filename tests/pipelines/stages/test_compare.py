@@ -43,3 +43,28 @@ def test_compare_suite_without_a_finished_baseline_says_why(store, tmp_path, sui
     assert comparison is None
     assert reason == f"no comparison: suite run '{pid}' has no finished 'baseline' run to compare against"
     assert not (tmp_path / "reports").exists() and "comparison" not in client.get_run(pid).data.tags
+
+
+def test_runs_still_running_are_left_out_and_counted(store, tmp_path, suite_recorder):
+    """A suite that ended while another suite was still training one of its runs: the comparison holds
+    FINISHED runs only and says how many are running; once that run FINISHED, it counts."""
+    from pipelines.stages.compare import format_table
+    from pipelines.status import RunStatus
+    from pipelines.suite import SuiteRow
+
+    client, exp_id = tracking.setup("stage-compare")
+    recorder = suite_recorder(client, exp_id)
+    labels = np.round(np.random.default_rng(0).uniform(-3, 3, N_TEST) * 5) / 5
+    pid = recorder.parent(["baseline", "text_only"], [1, 2])
+    rows = [recorder.child(pid, a, s, labels, labels + np.random.default_rng(s).normal(0, 0.5, N_TEST))
+            for a, s in (("baseline", 1), ("baseline", 2), ("text_only", 1))]
+    elsewhere = client.create_run(exp_id, tags={"ablation": "text_only", "seed": "2", "run_key": "text_only-2"})
+    recorder.finish(pid, rows + [SuiteRow("text_only", 2, "text_only-2", elsewhere.info.run_id, RunStatus.RUNNING)])
+
+    comparison, _ = compare_suite("stage-compare", exp_id, pid)
+    assert comparison.n_running == 1 and len(comparison.runs) == 3
+    assert "1 run(s) of this suite still running: counted once FINISHED" in format_table(comparison)
+
+    client.set_terminated(elsewhere.info.run_id, "FINISHED")
+    comparison, _ = compare_suite("stage-compare", exp_id, pid)
+    assert comparison.n_running == 0 and len(comparison.runs) == 4

@@ -1,0 +1,222 @@
+"""Dask distributed behind `executor.run_jobs`: a LocalCluster on 127.0.0.1, or a running scheduler.
+
+Each job is one Dask task, keyed `msa-<call>-<i>` (the same key on a retry). Its events travel back
+as Dask worker events on a topic of the call's own, so calls sharing a cluster never see each
+other's. A worker that dies has its task run again on another worker, up to the scheduler's
+`distributed.scheduler.allowed-failures` (3 by default); past that, the job is `lost` and the others
+go on. A stop (Ctrl-C, SIGTERM in the caller) marks the call stopped on every worker, so that its
+queued jobs return at once, and raises `Interrupted` in the threads running its jobs, which record
+themselves KILLED as they unwind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import queue
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+from pipelines.executor import Emit, Engine, EngineError, Interrupted, Work, set_job_key
+
+STOP_WAIT_S = 60          # how long a stop waits for running jobs to record themselves KILLED
+WORKERS_WAIT_S = 60       # how long a call on a running cluster waits for its first worker
+POLL_S = 0.2
+
+
+class _Signal:
+    """What a task returns instead of an outcome when its job did not run to its end."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self):
+        return (_signal, (self.name,))
+
+
+def _signal(name: str) -> _Signal:
+    return NOT_STARTED if name == "not-started" else INTERRUPTED
+
+
+NOT_STARTED, INTERRUPTED = _Signal("not-started"), _Signal("interrupted")
+
+
+def run_on_dask(jobs: Sequence[Any], work: Work, *, setup: Callable[[], Any], workers: int,
+                threads: Callable[[], int] | None,
+                on_event: Emit, on_done: Callable[[Any], None], lost: Callable[[Any, str], Any] | None,
+                engine: Engine, start_together: bool = False) -> list[Any]:
+    from distributed import wait
+
+    with connect(engine, workers, start_together=start_together) as client:
+        token = f"msa-{uuid.uuid4().hex[:12]}"
+        events: queue.Queue = queue.Queue()
+        client.subscribe_topic(token, lambda event: events.put(event[1]))  # (scheduler time, message)
+        resources = {"GPU": 1} if engine.uses_gpu else None
+        futures = {client.submit(_run_job, work, job, setup, threads, token, key=f"{token}-{i}", pure=False,
+                                 resources=resources): job for i, job in enumerate(jobs)}
+        pending, outcomes = set(futures), []
+        try:
+            while pending:
+                _drain(events, on_event, block=POLL_S)
+                for future in [f for f in pending if f.done()]:
+                    pending.discard(future)
+                    _drain(events, on_event)
+                    outcome = _outcome(future, futures[future], lost)
+                    if not isinstance(outcome, _Signal):
+                        outcomes.append(outcome)
+                        on_done(outcome)
+            return outcomes
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.run(_stop, token)  # queued jobs never start; running ones unwind, KILLED
+            with contextlib.suppress(Exception):
+                wait(list(pending), timeout=STOP_WAIT_S)
+            _drain(events, on_event)
+            client.cancel(list(pending))
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                client.unsubscribe_topic(token)
+
+
+@contextlib.contextmanager
+def connect(engine: Engine, workers: int, *, start_together: bool = False) -> Iterator[Any]:
+    """A client on the engine's cluster: the scheduler at `engine.scheduler`, else a LocalCluster of
+    `workers` single-threaded processes on 127.0.0.1 (one GPU slot each on CUDA), closed afterwards."""
+    from distributed import Client, LocalCluster
+
+    if engine.scheduler:
+        try:
+            client = Client(engine.scheduler, timeout=15, set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            raise EngineError(f"no Dask scheduler answers at {engine.scheduler} ({type(e).__name__}); start one with "
+                              "`dask scheduler`, or leave --scheduler and MSA_SCHEDULER unset to run here") from None
+        try:
+            _check_cluster(client, engine)
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                           resources={"GPU": 1} if engine.uses_gpu else None, preload=[__name__])
+    client = Client(cluster, set_as_default=False)
+    try:
+        if start_together:
+            client.wait_for_workers(workers, timeout=WORKERS_WAIT_S)
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _check_cluster(client, engine: Engine) -> None:
+    try:
+        client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
+    except TimeoutError:
+        raise EngineError(f"no Dask worker joined the scheduler at {engine.scheduler} within {WORKERS_WAIT_S} s; "
+                          f"start workers with `dask worker {engine.scheduler}`") from None
+    if engine.uses_gpu:
+        workers = client.scheduler_info()["workers"].values()
+        if not any(w.get("resources", {}).get("GPU") for w in workers):
+            raise EngineError(f"--device {engine.device}: no worker of the Dask cluster at {engine.scheduler} "
+                              "declares a GPU; start GPU workers with `dask worker ... --resources GPU=1`")
+
+
+def cluster_devices(address: str, *, cuda: bool = True) -> tuple[int, int]:
+    """How many workers of the cluster at `address` declare a GPU resource, and how many have CUDA
+    (each answers for its own machine; asked only when `cuda`)."""
+
+    engine = Engine(scheduler=address)
+    with connect(engine, 0) as client:
+        workers = client.scheduler_info()["workers"].values()
+        gpus = sum(bool(w.get("resources", {}).get("GPU")) for w in workers)
+        return gpus, (sum(client.run(_has_cuda).values()) if cuda and gpus else 0)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _outcome(future, job: Any, lost: Callable[[Any, str], Any] | None) -> Any:
+    from distributed.scheduler import KilledWorker
+
+    if future.status == "cancelled":
+        return NOT_STARTED
+    if future.status == "error":
+        error = future.exception()
+        if isinstance(error, KilledWorker) and lost is not None:
+            return lost(job, f"its worker died on every attempt ({error})")
+        future.result()  # raises the job's error, with its traceback
+    return future.result()
+
+
+def _drain(events: queue.Queue, on_event: Emit, block: float = 0.0) -> None:
+    try:
+        event = events.get(timeout=block) if block else events.get_nowait()
+    except queue.Empty:
+        return
+    while True:
+        on_event(event)
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return
+
+
+# --- inside a worker process ------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_STOPPED: set[str] = set()                 # calls that were stopped: their queued jobs never start
+_RUNNING: dict[str, set[int]] = {}         # call -> ids of the threads running its jobs
+
+
+def dask_setup(worker) -> None:
+    """Preload of LocalCluster workers: Ctrl-C reaches this machine's whole process group; the caller
+    alone handles it, and stops the jobs itself (a worker killed by it would leave its run RUNNING)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_job(work: Work, job: Any, setup: Callable[[], Any], threads: Callable[[], int] | None, token: str) -> Any:
+    from distributed import get_worker
+
+    worker = get_worker()
+    ident = threading.get_ident()
+    with _LOCK:
+        if token in _STOPPED:
+            return NOT_STARTED
+    try:
+        try:
+            with _LOCK:
+                _RUNNING.setdefault(token, set()).add(ident)
+            set_job_key(str(worker.get_current_task()))
+            return work(job, setup(), threads() if threads else None, partial(_emit, worker, token))
+        finally:
+            set_job_key(None)
+            with _LOCK:
+                _RUNNING.get(token, set()).discard(ident)
+    except KeyboardInterrupt:  # recorded KILLED by the job; raised on, it would end the worker process
+        return INTERRUPTED
+
+
+def _emit(worker, token: str, event: dict[str, Any]) -> None:
+    # Worker events are msgpack'd: numpy scalars become plain numbers.
+    worker.log_event(token, {k: v.item() if hasattr(v, "item") else v for k, v in event.items()})
+
+
+def _stop(token: str) -> None:
+    with _LOCK:
+        _STOPPED.add(token)
+        for ident in _RUNNING.get(token, ()):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(Interrupted))
+
+
+__all__ = ["run_on_dask", "connect", "cluster_devices", "dask_setup", "NOT_STARTED", "INTERRUPTED"]
