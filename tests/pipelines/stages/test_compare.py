@@ -58,13 +58,16 @@ def test_runs_still_running_are_left_out_and_counted(store, tmp_path, suite_reco
     pid = recorder.parent(["baseline", "text_only"], [1, 2])
     rows = [recorder.child(pid, a, s, labels, labels + np.random.default_rng(s).normal(0, 0.5, N_TEST))
             for a, s in (("baseline", 1), ("baseline", 2), ("text_only", 1))]
-    elsewhere = client.create_run(exp_id, tags={"ablation": "text_only", "seed": "2", "run_key": "text_only-2"})
-    recorder.finish(pid, rows + [SuiteRow("text_only", 2, "text_only-2", elsewhere.info.run_id, RunStatus.RUNNING)])
+    # Trained under another suite's parent, and RUNNING still when this suite ended.
+    other = recorder.parent(["text_only"], [2])
+    elsewhere = recorder.child(other, "text_only", 2, labels, labels + np.random.default_rng(2).normal(0, 0.5, N_TEST))
+    client.update_run(elsewhere.run_id, status=RunStatus.RUNNING)
+    recorder.finish(pid, rows + [SuiteRow("text_only", 2, "text_only-2", elsewhere.run_id, RunStatus.RUNNING)])
 
     comparison, _ = compare_suite("stage-compare", exp_id, pid)
     assert comparison.n_running == 1 and len(comparison.runs) == 3
     assert "1 run(s) of this suite still running: counted once FINISHED" in format_table(comparison)
 
-    client.set_terminated(elsewhere.info.run_id, "FINISHED")
+    client.set_terminated(elsewhere.run_id, "FINISHED")
     comparison, _ = compare_suite("stage-compare", exp_id, pid)
     assert comparison.n_running == 0 and len(comparison.runs) == 4
