@@ -129,9 +129,11 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
     selected epoch's validation metric. Every epoch reports to the pruner."""
     start = time.monotonic()
     run = TrialRun(where, trial) if where is not None else None
-    last = {"step": 0, "value": math.nan}
+    last = {"step": 0, "value": math.nan, "epoch_seconds": 0.0}
 
     def end(state: TrialState, value: float | None, note: str | None) -> None:
+        # Time in epochs, beside the trial's wall time: what is left is the fixed cost of a trial.
+        trial.set_user_attr("epoch_seconds", round(last["epoch_seconds"], 3))
         if run is not None:
             try:
                 run.record(state, value if state == TrialState.COMPLETE else None,
@@ -199,7 +201,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
             # is steadier than one noisy epoch.
             if is_better(value, best, higher=higher):
                 best = value
-            last.update(step=step, value=best)
+            last.update(step=step, value=best, epoch_seconds=last["epoch_seconds"] + metrics["epoch_seconds"])
             trial.report(best, step)
             return not reference and trial.should_prune()
 

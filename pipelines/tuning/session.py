@@ -150,7 +150,9 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
         print(f"study '{name}' ({storage_label(storage)}): {done} of {target} trials done or running; "
               f"{workers} worker(s) x {threads_per_worker(workers)} thread(s), "
               f"{setup.epochs} epochs x {len(setup.seeds)} seed(s) per trial, validation {spec.metric} "
-              f"({spec.direction}), pruner {spec.pruner.get('type', 'median')}",
+              f"({spec.direction}), pruner {spec.pruner.get('type', 'median')}"
+              + (f"; then the top {spec.confirm.top} re-trained on seed(s) {list(spec.confirm.seeds)}"
+                 if spec.confirm.top else ""),
               file=stream, flush=True)
 
         def on_event(event: dict[str, Any]) -> None:

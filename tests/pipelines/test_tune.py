@@ -386,3 +386,16 @@ def test_top_trials_are_retrained_on_more_seeds_once(tmp_path, store):
     seeds = sorted(r.data.tags["confirm_seed"] for r in runs if "confirm_trial" in r.data.tags)
     assert seeds == ["8", "8", "9", "9"]
     assert len(last.choice.seed_values) == 3 and len(study.trials) == 3
+
+
+def test_the_spec_pruners_build_and_bad_ones_are_refused(tmp_path):
+    halving = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: successive_halving, min_resource: 1}"))
+    assert isinstance(tune.make_pruner(halving.pruner, steps=4), optuna.pruners.SuccessiveHalvingPruner)
+    hyperband = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: hyperband, reduction_factor: 3}"))
+    assert isinstance(tune.make_pruner(hyperband.pruner, steps=4), optuna.pruners.HyperbandPruner)
+    for pruner, message in [("{type: successive_halving, min_resource: 0}", r"'sampler' or 'pruner'"),
+                            ("{type: halving}", r"pruner type must be one of \['median', 'hyperband', "
+                                                r"'successive_halving'")]:
+        with pytest.raises(SpecError, match=message):
+            tune.load_tune_spec(_tune_spec(tmp_path, pruner=pruner))
+    assert tune.load_tune_spec().pruner["type"] == "hyperband"     # the shipped default
