@@ -34,7 +34,8 @@ class Choice:
 
     trial: FrozenTrial
     seed_values: dict[int, float]              # validation metric per seed: the search's seeds, then confirm's
-    candidates: int                            # trials compared on their mean (1: the best search value won)
+    candidates: int                            # re-trained trials compared on their mean (0: none; the best
+                                               # search value won)
 
     @property
     def mean(self) -> float:
@@ -92,7 +93,7 @@ def choose(study: optuna.Study, spec: TuneSpec) -> Choice | None:
         means = {t.number: float(np.mean([known[t.number][s] for s in spec.choice_seeds])) for t in full}
         best = max(full, key=lambda t: (means[t.number] if higher else -means[t.number], -t.number))
         return Choice(best, {s: known[best.number][s] for s in spec.choice_seeds}, len(full))
-    return Choice(top[0], known[top[0].number], 1)
+    return Choice(top[0], known[top[0].number], 0)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def describe(choice: Choice, metric: str) -> str:
     """One line on how the winner was chosen."""
     seeds = len(choice.seed_values)
     spread = f" ± {choice.std:.4f}" if seeds > 1 else ""
-    how = f"best mean of the top {choice.candidates}" if choice.candidates > 1 else "best search value"
+    how = (f"best mean of {choice.candidates} top trial(s) re-trained" if choice.candidates
+           else "best search value, not re-trained")
     return (f"trial {choice.trial.number}: validation {metric} {choice.mean:.4f}{spread} over {seeds} seed(s) "
             f"({how}; search value {choice.trial.value:.4f})")
 

@@ -342,9 +342,12 @@ def test_the_best_validation_mean_wins_not_the_luckiest_seed(tmp_path, store):
     study = optuna.create_study(study_name="choose", direction="maximize", storage=tune.open_storage(None))
     for value, name in [(0.70, "lucky"), (0.65, "steady"), (0.60, "third")]:
         study.add_trial(_trial(value, {"model": {"name": name}}, {"7": value}))
-    assert tune.choose(study, spec).trial.number == 0           # nothing re-trained yet: the best search value
-    for trial, seed, value in [(0, 8, 0.50), (0, 9, 0.52), (1, 8, 0.66), (1, 9, 0.64), (2, 8, 0.99), (2, 9, 0.99)]:
+    first = tune.choose(study, spec)                             # nothing re-trained yet: the best search value
+    assert first.trial.number == 0 and first.candidates == 0 and first.seed_values == {7: 0.70}
+    for trial, seed, value in [(1, 8, 0.66), (1, 9, 0.64), (0, 8, 0.50), (0, 9, 0.52), (2, 8, 0.99), (2, 9, 0.99)]:
         study.set_user_attr(f"confirm:{trial}:{seed}", {"value": value, "mlflow_run_id": None})
+        if (trial, seed) == (1, 9):                              # a trial missing a seed is no candidate yet
+            assert tune.choose(study, spec).trial.number == 1 and tune.choose(study, spec).candidates == 1
     choice, path = save_best(study, spec, None)
     assert choice.trial.number == 1 and choice.candidates == 2   # trial 2 is not in the top 2, whatever its seeds
     record = study.user_attrs[tune.TUNED]
