@@ -93,7 +93,7 @@ def choose(study: optuna.Study, spec: TuneSpec) -> Choice | None:
         means = {t.number: float(np.mean([known[t.number][s] for s in spec.choice_seeds])) for t in full}
         best = max(full, key=lambda t: (means[t.number] if higher else -means[t.number], -t.number))
         return Choice(best, {s: known[best.number][s] for s in spec.choice_seeds}, len(full))
-    return Choice(top[0], known[top[0].number], 0)
+    return Choice(top[0], {s: v for s, v in known[top[0].number].items() if s in spec.seeds}, 0)
 
 
 @dataclass(frozen=True)
