@@ -8,6 +8,7 @@ interrupt, re-trains only what is missing.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -141,14 +142,20 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int, emit: Emit) -> tuple[
             log_epoch(epoch, metrics)
         return False
 
-    with tracking.recorded_run(client, run_id) if client is not None else nullcontext():
-        with warnings.catch_warnings():  # an undefined Corr counts as 0, as in the search
-            warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
-            result = fit(config, search_view(data), seed=job.seed, callback=on_epoch, threads=threads,
-                         evaluate_test=False)
-        value = trial_score(job.setup, result.history[result.best_epoch - 1][job.setup.metric_key])
-        if client is not None:
-            tracking.log_metrics(client, run_id, {"objective": value})
+    try:
+        with tracking.recorded_run(client, run_id) if client is not None else nullcontext():
+            with warnings.catch_warnings():  # an undefined Corr counts as 0, as in the search
+                warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
+                result = fit(config, search_view(data), seed=job.seed, callback=on_epoch, threads=threads,
+                             evaluate_test=False)
+            value = trial_score(job.setup, result.history[result.best_epoch - 1][job.setup.metric_key])
+            if client is not None:
+                tracking.log_metrics(client, run_id, {"objective": value})
+            if not math.isfinite(value):
+                raise ValueError(f"validation {job.setup.metric} is {value}")
+    except Exception as e:  # unrecorded, so the trial is no candidate and the next `tune` tries again
+        emit({"event": "trial", "line": f"confirm {job.trial:>4}  seed {job.seed:<10} FAILED {type(e).__name__}: {e}"})
+        return job.trial, job.seed, math.nan
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings))
     study.set_user_attr(f"{PREFIX}:{job.trial}:{job.seed}", {"value": value, "mlflow_run_id": run_id or None})
     emit({"event": "trial", "line": f"confirm {job.trial:>4}  seed {job.seed:<10} val {job.setup.metric} {value:.4f}"})

@@ -402,3 +402,20 @@ def test_the_spec_pruners_build_and_bad_ones_are_refused(tmp_path):
         with pytest.raises(SpecError, match=message):
             tune.load_tune_spec(_tune_spec(tmp_path, pruner=pruner))
     assert tune.load_tune_spec().pruner["type"] == "hyperband"     # the shipped default
+
+
+def test_a_failed_retraining_is_no_candidate_and_is_tried_again(tmp_path, store, monkeypatch):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 1, seeds: [8]}\n"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(confirm, "fit", broken)
+        session = tune.run_study(spec, quick=True, trials=1)
+    assert session.choice.candidates == 0 and session.best.number == 0     # handed over unconfirmed
+    _, _, runs = _tune_runs(MlflowClient(store))
+    [failed] = [r for r in runs if "confirm_trial" in r.data.tags]
+    assert failed.info.status == "FAILED" and "out of memory" in failed.data.tags["error"]
+    again = tune.run_study(spec, quick=True, trials=1)
+    assert again.choice.candidates == 1 and list(again.choice.seed_values) == [7, 8]
