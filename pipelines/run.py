@@ -215,7 +215,8 @@ def _tune(args: argparse.Namespace) -> int:
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="search the improved model's hyperparameters with Optuna, then compare it",
                        description="Run (or continue) an Optuna study around the improved model: each trial "
-                                   "trains on train and is scored and pruned on valid only. The best trial "
+                                   "trains on train and is scored and pruned on valid only. Of the top trials, "
+                                   "re-trained on more seeds (the spec's 'confirm'), the best validation mean "
                                    "becomes the ablation 'improved_tuned', trained over the suite's seeds and "
                                    "compared with the baseline and 'improved'. Re-running continues the study.")
     p.add_argument("--spec", metavar="FILE", help="tune spec (default: pipelines/specs/tune.yaml)")

@@ -1,4 +1,6 @@
-"""The hand-over from a study to the suite: its best trial becomes the ablation `improved_tuned`.
+"""The hand-over from a study to the suite: its chosen trial becomes the ablation `improved_tuned`
+(the best validation mean of its top trials re-trained on more seeds, see confirm.py; without
+re-training, its best trial).
 
 The study is the source of truth (a study attribute); a YAML copy beside the storage lets a person
 read or reuse the override. Reading never creates a storage or a study.
@@ -14,6 +16,7 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from pipelines.spec import SpecError
+from pipelines.tuning.confirm import Choice, choose, describe
 from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, TuneSpec, load_tune_spec
 from pipelines.tuning.storage import default_storage_path, open_storage, storage_label
 
@@ -31,24 +34,24 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return None
 
 
-def save_best(study: optuna.Study, spec: TuneSpec, storage: str | None) -> Path | None:
-    """Record the best trial's override on the study and in `<study>.best.yaml`; returns the YAML's path
-    (None when the study has no COMPLETE trial)."""
-    best = best_trial(study)
-    if best is None:
-        return None
-    override = dict(best.user_attrs["override"])
-    record = {"trial": best.number, "value": best.value, "metric": spec.metric, "override": override}
+def save_best(study: optuna.Study, spec: TuneSpec, storage: str | None) -> tuple[Choice | None, Path | None]:
+    """Record the chosen trial (which, on how many seeds, its validation mean and spread, its override)
+    on the study as `improved_tuned` and its override in `<study>.best.yaml`; returns the choice and the
+    YAML's path (None, None when the study has no COMPLETE trial)."""
+    choice = choose(study, spec)
+    if choice is None:
+        return None, None
+    record = choice.record(spec.metric)
     if study.user_attrs.get(TUNED) != record:
         study.set_user_attr(TUNED, record)
     path = default_storage_path().parent / f"{study.study_name}.best.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        f"# The best trial ({best.number}, validation {spec.metric} {best.value:.4f}) of Optuna study "
-        f"'{study.study_name}' ({storage_label(storage)}),\n# as an ablation override of {spec.ablations}. "
-        f"Written by `python -m pipelines.run tune`; the study itself is the source of truth.\n"
-        + yaml.safe_dump({TUNED: override}, sort_keys=False))
-    return path
+        f"# The chosen {describe(choice, spec.metric)}\n# of Optuna study '{study.study_name}' "
+        f"({storage_label(storage)}), as an ablation override of {spec.ablations}.\n"
+        f"# Written by `python -m pipelines.run tune`; the study itself is the source of truth.\n"
+        + yaml.safe_dump({TUNED: record["override"]}, sort_keys=False))
+    return choice, path
 
 
 def tune_spec_for(ablations_spec: str | Path | None) -> Path:
@@ -78,6 +81,8 @@ def tuned_override(study: str | None = None, storage: str | None = None, *, quic
         return None
     if data_digest is not None and found.user_attrs.get("data_digest") != data_digest:
         return None
+    if TUNED in found.user_attrs:  # the choice the last session made, re-trained seeds and all
+        return dict(found.user_attrs[TUNED]["override"])
     best = best_trial(found)
     return dict(best.user_attrs["override"]) if best is not None else None
 

@@ -130,9 +130,11 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
     selected epoch's validation metric. Every epoch reports to the pruner."""
     start = time.monotonic()
     run = TrialRun(where, trial) if where is not None else None
-    last = {"step": 0, "value": math.nan}
+    last = {"step": 0, "value": math.nan, "epoch_seconds": 0.0}
 
     def end(state: TrialState, value: float | None, note: str | None) -> None:
+        # Time in epochs, beside the trial's wall time: what is left is the fixed cost of a trial.
+        trial.set_user_attr("epoch_seconds", round(last["epoch_seconds"], 3))
         if run is not None:
             try:
                 run.record(state, value if state == TrialState.COMPLETE else None,
@@ -147,8 +149,7 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
             override = override_of(setup, values)
             trial.set_user_attr("override", override)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            config = RunConfig.from_dict(deep_merge(deep_merge(setup.base, override),
-                                                    {"train": {"epochs": setup.epochs}}))
+            config = trial_config(setup, override)
             if run is not None:
                 run.log_config(config, setup.seeds)
             value = _train_trial(trial, config, search_view(data), setup, threads, run, last)
@@ -168,14 +169,23 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
     return value
 
 
+def trial_score(setup: TrialSetup, value: float) -> float:
+    # Corr is undefined (NaN) for constant predictions, a model that learnt nothing: count it as
+    # 0, no correlation. Left NaN, Optuna would fail the trial and TPE would not learn to avoid it.
+    return 0.0 if setup.metric == "Corr" and math.isnan(value) else value
+
+
+def trial_config(setup: TrialSetup, override: Mapping[str, Any]) -> RunConfig:
+    """The config a trial with this ablation override trains."""
+    return RunConfig.from_dict(deep_merge(deep_merge(setup.base, dict(override)), {"train": {"epochs": setup.epochs}}))
+
+
 def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: TrialSetup, threads: int | None,
                  run: TrialRun | None, last: dict[str, Any]) -> float:
     higher = setup.direction == "maximize"
 
     def score(value: float) -> float:
-        # Corr is undefined (NaN) for constant predictions, a model that learnt nothing: count it as
-        # 0, no correlation. Left NaN, Optuna would fail the trial and TPE would not learn to avoid it.
-        return 0.0 if setup.metric == "Corr" and math.isnan(value) else value
+        return trial_score(setup, value)
 
     reference = "start_from" in trial.user_attrs  # a start point runs to the end: it is what the search must beat
     results = []
@@ -192,7 +202,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
             # is steadier than one noisy epoch.
             if is_better(value, best, higher=higher):
                 best = value
-            last.update(step=step, value=best)
+            last.update(step=step, value=best, epoch_seconds=last["epoch_seconds"] + metrics["epoch_seconds"])
             trial.report(best, step)
             return not reference and trial.should_prune()
 
@@ -203,6 +213,8 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
         if result.stop_reason == "callback":
             raise optuna.TrialPruned(f"pruned at step {last['step']}")
         results.append(score(result.history[result.best_epoch - 1][setup.metric_key]))
+    # Per seed, so that a confirmation on more seeds can pool these with its own (see confirm.py).
+    trial.set_user_attr("seed_values", {str(s): v for s, v in zip(setup.seeds, results)})
     return float(np.mean(results))
 
 
@@ -219,4 +231,5 @@ def _say(emit: Emit | None, line: str) -> None:
         emit({"event": "trial", "line": line})
 
 
-__all__ = ["TrialSetup", "TrialTracking", "TrialRun", "objective", "sample", "override_of", "search_view"]
+__all__ = ["TrialSetup", "TrialTracking", "TrialRun", "objective", "sample", "override_of", "search_view",
+           "trial_score", "trial_config"]

@@ -11,7 +11,7 @@ from optuna.exceptions import ExperimentalWarning
 
 from msa.config import stable_hash
 
-PRUNERS = ("median", "hyperband", "threshold", "none")
+PRUNERS = ("median", "hyperband", "successive_halving", "threshold", "none")
 
 
 def make_sampler(sampler: Mapping[str, Any], seed: int) -> optuna.samplers.TPESampler:
@@ -29,13 +29,16 @@ def session_seed(base_seed: int, n_existing: int, worker: int) -> int:
 
 
 def make_pruner(pruner: Mapping[str, Any], steps: int) -> optuna.pruners.BasePruner:
-    """The spec's pruner; `steps` (epochs x seeds) is Hyperband's default max_resource."""
+    """The spec's pruner; `steps` (epochs x seeds) is Hyperband's default max_resource. Both
+    multi-fidelity pruners count their resource in the steps the objective reports: one per epoch."""
     kwargs = {k: v for k, v in pruner.items() if k != "type"}
     kind = pruner.get("type", "median")
     if kind == "median":
         return optuna.pruners.MedianPruner(**kwargs)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(**{"max_resource": steps, **kwargs})
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**kwargs)
     if kind == "threshold":
         return optuna.pruners.ThresholdPruner(**kwargs)
     if kind == "none":

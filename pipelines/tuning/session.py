@@ -24,7 +24,8 @@ from pipelines.spec import Spec
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import WorkerSetup
 from pipelines.suite import resolve_spec
-from pipelines.tuning.handover import TUNED, best_trial, default_study_name, save_best
+from pipelines.tuning import confirm
+from pipelines.tuning.handover import TUNED, default_study_name, save_best
 from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, objective
 from pipelines.tuning.search import make_pruner, make_sampler, session_seed
 from pipelines.tuning.spec import TuneError, TuneSpec
@@ -92,12 +93,13 @@ class StudySession:
     synthetic: bool
     trials: list[FrozenTrial]                  # this session's trials, by number
     n_total: int                               # every trial the study holds
-    best: FrozenTrial | None                   # the study's best COMPLETE trial
-    override: dict[str, Any] | None            # the best trial's ablation override (improved_tuned)
+    best: FrozenTrial | None                   # the chosen COMPLETE trial (see confirm.choose)
+    override: dict[str, Any] | None            # the chosen trial's ablation override (improved_tuned)
     best_path: Path | None                     # the YAML copy of it
     metric: str
     suite_spec: Spec                           # the resolved ablations spec (quick / epochs applied)
     seconds: float
+    choice: confirm.Choice | None = None       # how the chosen trial was chosen: seeds, mean, spread
 
     def count(self, state: TrialState) -> int:
         return sum(t.state == state for t in self.trials)
@@ -142,7 +144,8 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
               "quick": str(quick).lower(), **tags, **claims.claim_tags()},
         params={"study": name, "trials_target": target, "timeout": timeout, "metric": spec.metric,
                 "direction": spec.direction, "epochs": setup.epochs, "seeds": ",".join(map(str, setup.seeds)),
-                "base": spec.base, "pruner": spec.pruner.get("type", "median"),
+                "base": spec.base, "pruner": spec.pruner.get("type", "median"), "confirm_top": spec.confirm.top,
+                "confirm_seeds": ",".join(map(str, spec.confirm.seeds)),
                 "sampler_seed": spec.sampler.get("seed"), "workers": workers, "tune_spec": spec.path,
                 "ablations_spec": spec.ablations})
     with claims.Heartbeat(client, parent_id), tracking.recorded_run(client, parent_id):
@@ -155,7 +158,9 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
         print(f"study '{name}' ({storage_label(storage)}): {done} of {target} trials done or running; "
               f"{engine.describe(workers, workers, 'search loops')}, "
               f"{setup.epochs} epochs x {len(setup.seeds)} seed(s) per trial, validation {spec.metric} "
-              f"({spec.direction}), pruner {spec.pruner.get('type', 'median')}",
+              f"({spec.direction}), pruner {spec.pruner.get('type', 'median')}"
+              + (f"; then the top {spec.confirm.top} re-trained on seed(s) {list(spec.confirm.seeds)}"
+                 if spec.confirm.top else ""),
               file=stream, flush=True)
 
         def on_event(event: dict[str, Any]) -> None:
@@ -163,8 +168,16 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
                 print(event["line"], file=stream, flush=True)
 
         try:
-            run_jobs(jobs, optimize, setup=WorkerSetup(source, quick, tracking.tracking_uri(), data.digest),
-                     workers=workers, on_event=on_event, local_resources=data, start_together=True, engine=engine)
+            worker_setup = WorkerSetup(source, quick, tracking.tracking_uri(), data.digest)
+            run_jobs(jobs, optimize, setup=worker_setup, workers=workers, on_event=on_event, local_resources=data,
+                     start_together=True, engine=engine)
+            todo = confirm.pending(optuna.load_study(study_name=name, storage=open_storage(storage, spec.storage)),
+                                   spec, setup, storage, where)
+            if todo:
+                print(f"re-training the top {spec.confirm.top} trial(s) on seed(s) {list(spec.confirm.seeds)} "
+                      f"(validation only): {len(todo)} run(s) to go", file=stream, flush=True)
+                run_jobs(todo, confirm.retrain, setup=worker_setup, workers=min(workers, len(todo)),
+                         on_event=on_event, local_resources=data, engine=engine)
         finally:
             session = _finish_session(spec, storage, study, n_before, client, experiment, experiment_id, parent_id,
                                       data, suite_spec, started)
@@ -198,13 +211,15 @@ def _finish_session(spec: TuneSpec, storage: str | None, study: optuna.Study, n_
     study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage, spec.storage))
     all_trials = study.get_trials(deepcopy=False)
     session_trials = [t for t in all_trials if t.number >= n_before]
-    best = best_trial(study)
-    best_path = save_best(study, spec, storage)
+    choice, best_path = save_best(study, spec, storage)
+    best = choice.trial if choice is not None else None
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     metrics = {f"n_{s.name.lower()}": sum(t.state == s for t in all_trials) for s in states} | {
         f"session_n_{s.name.lower()}": sum(t.state == s for t in session_trials) for s in states}
     if best is not None:
-        metrics |= {f"best_val_{spec.metric}": best.value, "best_trial": best.number}
+        metrics |= {f"best_val_{spec.metric}": best.value, "best_trial": best.number,
+                    f"best_val_{spec.metric}_mean": choice.mean, f"best_val_{spec.metric}_std": choice.std,
+                    "best_n_seeds": len(choice.seed_values) or len(spec.seeds)}
     try:
         tracking.log_metrics(client, parent_id, metrics)
         if best is not None:
@@ -216,7 +231,7 @@ def _finish_session(spec: TuneSpec, storage: str | None, study: optuna.Study, n_
     return StudySession(study.study_name, storage_label(storage), experiment, experiment_id, parent_id, data.source,
                         data.digest, data.synthetic, session_trials, len(all_trials), best,
                         dict(best.user_attrs["override"]) if best is not None else None, best_path, spec.metric,
-                        suite_spec, time.monotonic() - started)
+                        suite_spec, time.monotonic() - started, choice)
 
 
 def _log_study_artifacts(client: MlflowClient, run_id: str, study: optuna.Study, best_path: Path | None) -> None:
@@ -257,7 +272,8 @@ def summary(session: StudySession) -> str:
         lines.append("no COMPLETE trial yet")
     else:
         b = session.best
-        lines.append(f"best: trial {b.number}, validation {session.metric} {b.value:.4f}")
+        lines.append(f"chosen: {confirm.describe(session.choice, session.metric)}" if session.choice is not None
+                     else f"best: trial {b.number}, validation {session.metric} {b.value:.4f}")
         lines += [f"  {k} = {v}" for k, v in b.params.items()]
         lines.append(f"saved as ablation '{TUNED}': {session.best_path}")
     lines.append(f"tune run {session.parent_run_id} in experiment '{session.experiment}'"

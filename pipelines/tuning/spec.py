@@ -37,7 +37,7 @@ from pipelines.tuning.storage import StorageSettings
 DEFAULT_TUNE_SPEC = Path(__file__).parent.parent / "specs" / "tune.yaml"
 
 TUNE_KEYS = ("study", "ablations", "base", "experiment", "metric", "seeds", "trials", "sampler", "pruner",
-             "storage", "compare_with", "start_from", "quick", "space")
+             "confirm", "storage", "compare_with", "start_from", "quick", "space")
 # Fields a trial may not sample: the pruner's steps follow epochs, and the objective is the metric
 # the spec names, so neither may vary from trial to trial.
 FIXED_FIELDS = ("train.epochs", "train.select_metric", "train.patience")
@@ -80,6 +80,15 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """After the search, the `top` trials by search value are re-trained on `seeds` (validation only);
+    the one with the best mean over the search's seeds and these becomes `improved_tuned`."""
+
+    top: int = 0                               # 0: no re-training; the best search value wins
+    seeds: tuple[int, ...] = ()                # seeds other than the search's own
+
+
+@dataclass(frozen=True)
 class TuneSpec:
     path: str
     study: str
@@ -96,6 +105,12 @@ class TuneSpec:
     compare_with: tuple[str, ...]
     space: dict[str, Param]
     start_from: tuple[tuple[str, dict[str, Any]], ...] = ()   # (ablation, its values in the space): first trials
+    confirm: Confirm = Confirm()
+
+    @property
+    def choice_seeds(self) -> tuple[int, ...]:
+        """The seeds the winner's validation mean is taken over."""
+        return self.seeds + self.confirm.seeds if self.confirm.top else self.seeds
 
     @property
     def direction(self) -> str:
@@ -145,7 +160,7 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
         path=path, study=study, ablations=str(ablations_path), base=base, experiment=experiment, metric=metric,
         seeds=seeds, trials=trials, quick_trials=quick_trials, sampler=sampler, pruner=pruner,
         storage=_parse_storage(raw.get("storage") or {}, path), compare_with=tuple(compare_with),
-        space=_parse_space(raw["space"], path))
+        space=_parse_space(raw["space"], path), confirm=_parse_confirm(raw.get("confirm"), seeds, path))
     _validate_space(spec, ablations)
     start_from = raw.get("start_from") or []
     if not isinstance(start_from, list) or any(n not in ablations.ablations for n in start_from):
@@ -163,6 +178,23 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parse_confirm(raw: Any, seeds: tuple[int, ...], path: str) -> Confirm:
+    if raw is None:
+        return Confirm()
+    check_mapping(raw, path, "confirm", "a mapping with keys 'top' and 'seeds'")
+    check_keys(raw, ("top", "seeds"), path, "'confirm'")
+    top = raw.get("top", 3)
+    if not (is_int(top) and top >= 0):
+        raise SpecError(f"{path}: 'confirm.top' must be an integer >= 0 (0: no re-training), got {top!r}")
+    if top and "seeds" not in raw:
+        raise SpecError(f"{path}: 'confirm' needs 'seeds': the seeds to re-train its top {top} trials on")
+    extra = check_seeds(raw.get("seeds", [0]), path, "confirm.seeds") if top else ()
+    if set(extra) & set(seeds):
+        raise SpecError(f"{path}: 'confirm.seeds' must be other seeds than the search's {list(seeds)}, "
+                        f"got {list(extra)}")
+    return Confirm(top, extra)
 
 
 def _parse_storage(raw: Any, path: str) -> StorageSettings:

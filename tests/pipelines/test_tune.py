@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from pipelines import tune
 from pipelines.run import main
 from pipelines.spec import SpecError
+from pipelines.tuning import confirm
+from pipelines.tuning.handover import save_best
 from pipelines.tuning.storage import trial_id
 
 # Tiny models (hidden 8-16) on the quick data, one epoch: every trial takes a second or two.
@@ -313,3 +315,107 @@ def test_ablations_include_improved_tuned_once_a_study_has_a_best_trial(tuned, m
     (other / "tune.yaml").write_text(tuned["spec"].read_text().replace("study: unit", "study: never-run"))
     assert main(["ablations", "--spec", str(other / "ablations.yaml"), "--quick", "--only", "improved_tuned"]) == 2
     assert "no tuning study has a best trial on this data yet" in capsys.readouterr().err
+
+
+def test_confirm_mistakes_name_the_key(tmp_path):
+    for written, message in [("{top: -1, seeds: [8]}", r"'confirm.top' must be an integer >= 0"),
+                             ("{top: 2}", r"'confirm' needs 'seeds'"),
+                             ("{top: 2, seeds: [7, 8]}", r"'confirm.seeds' must be other seeds than the search's"),
+                             ("{top: 2, seeds: []}", r"'confirm.seeds' must be a non-empty list"),
+                             ("{top: 2, seed: [8]}", r"'confirm'.*seed"),
+                             ("[2]", r"'confirm' must be a mapping")]:
+        with pytest.raises(SpecError, match=message):
+            tune.load_tune_spec(_tune_spec(tmp_path, extra=f"confirm: {written}\n"))
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {seeds: [8, 9]}\n"))
+    assert spec.confirm.top == 3 and spec.choice_seeds == (7, 8, 9)
+    off = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 0}\n"))
+    assert off.confirm.top == 0 and off.choice_seeds == (7,)
+
+
+def _trial(value, override, seed_values):
+    return optuna.trial.create_trial(value=value, params={}, distributions={},
+                                     user_attrs={"override": override, "seed_values": seed_values})
+
+
+def test_the_best_validation_mean_wins_not_the_luckiest_seed(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 2, seeds: [8, 9]}\n"))
+    study = optuna.create_study(study_name="choose", direction="maximize", storage=tune.open_storage(None))
+    for value, name in [(0.70, "lucky"), (0.65, "steady"), (0.60, "third")]:
+        study.add_trial(_trial(value, {"model": {"name": name}}, {"7": value}))
+    first = tune.choose(study, spec)                             # nothing re-trained yet: the best search value
+    assert first.trial.number == 0 and first.candidates == 0 and first.seed_values == {7: 0.70}
+    for trial, seed, value in [(1, 8, 0.66), (1, 9, 0.64), (0, 8, 0.50), (0, 9, 0.52), (2, 8, 0.99), (2, 9, 0.99)]:
+        study.set_user_attr(f"confirm:{trial}:{seed}", {"value": value, "mlflow_run_id": None})
+        if (trial, seed) == (1, 9):                              # a trial missing a seed is no candidate yet
+            assert tune.choose(study, spec).trial.number == 1 and tune.choose(study, spec).candidates == 1
+    choice, path = save_best(study, spec, None)
+    assert choice.trial.number == 1 and choice.candidates == 2   # trial 2 is not in the top 2, whatever its seeds
+    record = study.user_attrs[tune.TUNED]
+    assert record["trial"] == 1 and record["n_seeds"] == 3 and record["seeds"] == [7, 8, 9]
+    assert record["mean"] == pytest.approx(0.65) and record["std"] == pytest.approx(0.01)
+    assert record["value"] == 0.65 and record["override"] == {"model": {"name": "steady"}}
+    assert yaml.safe_load(path.read_text()) == {"improved_tuned": {"model": {"name": "steady"}}}
+    assert "trial 1: validation Corr 0.6500 ± 0.0100 over 3 seed(s)" in path.read_text()
+
+
+def test_top_trials_are_retrained_on_more_seeds_once(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 2, seeds: [8]}\n"))
+    first = tune.run_study(spec, quick=True, trials=3)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    top = [t.number for t in confirm.top_trials(study, 2)]
+    assert sorted(k for k in study.user_attrs if k.startswith("confirm:")) == sorted(f"confirm:{n}:8" for n in top)
+    means = {n: (study.trials[n].value + study.user_attrs[f"confirm:{n}:8"]["value"]) / 2 for n in top}
+    winner = max(top, key=means.get)
+    assert first.best.number == winner and first.choice.seed_values.keys() == {7, 8}
+    record = study.user_attrs[tune.TUNED]
+    assert record["trial"] == winner and record["n_seeds"] == 2 and record["mean"] == pytest.approx(means[winner])
+
+    client = MlflowClient(store)
+    _, _, runs = _tune_runs(client)
+    confirms = [r for r in runs if "confirm_trial" in r.data.tags]
+    assert sorted((int(r.data.tags["confirm_trial"]), r.data.tags["confirm_seed"]) for r in confirms) == \
+        sorted((n, "8") for n in top)
+    assert {r.data.tags["mlflow.parentRunId"] for r in confirms} == {first.parent_run_id}
+    assert {r.info.status for r in confirms} == {"FINISHED"}
+    assert not any(k.startswith("test_") for r in confirms for k in r.data.metrics)
+    parent = client.get_run(first.parent_run_id)
+    assert parent.data.metrics["best_n_seeds"] == 2 and parent.data.metrics["best_val_Corr_mean"] == \
+        pytest.approx(means[winner])
+
+    # A finished study run again with one more seed: only that seed is trained, seed 8 is not redone.
+    more = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 2, seeds: [8, 9]}\n"))
+    last = tune.run_study(more, quick=True, trials=3)
+    _, _, runs = _tune_runs(client)
+    seeds = sorted(r.data.tags["confirm_seed"] for r in runs if "confirm_trial" in r.data.tags)
+    assert seeds == ["8", "8", "9", "9"]
+    assert len(last.choice.seed_values) == 3 and len(study.trials) == 3
+
+
+def test_the_spec_pruners_build_and_bad_ones_are_refused(tmp_path):
+    halving = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: successive_halving, min_resource: 1}"))
+    assert isinstance(tune.make_pruner(halving.pruner, steps=4), optuna.pruners.SuccessiveHalvingPruner)
+    hyperband = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: hyperband, reduction_factor: 3}"))
+    assert isinstance(tune.make_pruner(hyperband.pruner, steps=4), optuna.pruners.HyperbandPruner)
+    for pruner, message in [("{type: successive_halving, min_resource: 0}", r"'sampler' or 'pruner'"),
+                            ("{type: halving}", r"pruner type must be one of \['median', 'hyperband', "
+                                                r"'successive_halving'")]:
+        with pytest.raises(SpecError, match=message):
+            tune.load_tune_spec(_tune_spec(tmp_path, pruner=pruner))
+    assert tune.load_tune_spec().pruner["type"] == "hyperband"     # the shipped default
+
+
+def test_a_failed_retraining_is_no_candidate_and_is_tried_again(tmp_path, store, monkeypatch):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 1, seeds: [8]}\n"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(confirm, "fit", broken)
+        session = tune.run_study(spec, quick=True, trials=1)
+    assert session.choice.candidates == 0 and session.best.number == 0     # handed over unconfirmed
+    _, _, runs = _tune_runs(MlflowClient(store))
+    [failed] = [r for r in runs if "confirm_trial" in r.data.tags]
+    assert failed.info.status == "FAILED" and "out of memory" in failed.data.tags["error"]
+    again = tune.run_study(spec, quick=True, trials=1)
+    assert again.choice.candidates == 1 and list(again.choice.seed_values) == [7, 8]
