@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,11 +49,19 @@ def project_command(data: str, epochs: int) -> list[str]:
             "--seeds", "1", "--workers", "1"]
 
 
-def timed(argv: list[str], tmp: Path) -> float:
-    """Wall seconds of one whole process, run in `tmp` (its own store and reports/)."""
+CPU: dict[str, list[float]] = defaultdict(list)  # CPU seconds (user + system) of each timed process, by side
+
+
+def timed(argv: list[str], tmp: Path, side: str = "") -> float:
+    """Wall seconds of one whole process, run in `tmp` (its own store and reports/); its CPU seconds go
+    to CPU[side] (steadier than wall time on a machine that others share, though threads that spin
+    while waiting for a busy core inflate it)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, *argv], cwd=tmp, env=_env(tmp), capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[side].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if done.returncode != 0:
         sys.exit(f"{' '.join(argv[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return seconds
@@ -60,12 +69,12 @@ def timed(argv: list[str], tmp: Path) -> float:
 
 def lab(data: str, epochs: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        return timed([str(LAB), data, "--epochs", str(epochs), "--checkpoint-dir", tmp], Path(tmp))
+        return timed([str(LAB), data, "--epochs", str(epochs), "--checkpoint-dir", tmp], Path(tmp), "lab")
 
 
 def project(data: str, epochs: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        return timed(project_command(data, epochs), Path(tmp))
+        return timed(project_command(data, epochs), Path(tmp), "project")
 
 
 # --- the breakdown: the same command in a child of this script, its phases wrapped with timers ----------
@@ -223,15 +232,20 @@ def main(argv=None) -> None:
             if not args.no_warmup:
                 lab(data, epochs), project(data, epochs)  # warm-up: file cache, the machine's msa cache
             times = {"lab": [], "project": []}
+            CPU.clear()
             for i in range(1, args.pairs + 1):
                 for side, run in (("lab", lab), ("project", project)):
                     times[side].append(run(data, epochs))
                 print(f"pair {i}: lab {times['lab'][-1]:6.2f} s  project {times['project'][-1]:6.2f} s  "
-                      f"ratio {times['project'][-1] / times['lab'][-1]:.3f}", flush=True)
+                      f"ratio {times['project'][-1] / times['lab'][-1]:.3f}   cpu s: lab {CPU['lab'][-1]:6.2f}  "
+                      f"project {CPU['project'][-1]:6.2f}", flush=True)
         print_breakdown(breakdown(data, epochs))
         print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         if not args.breakdown_only:
             med = {k: statistics.median(v) for k, v in times.items()}
+            cpu = {k: statistics.median(CPU[k]) for k in times}
+            print(f"median cpu s:  lab {cpu['lab']:.2f}  project {cpu['project']:.2f}  ratio "
+                  f"{cpu['project'] / cpu['lab']:.3f}")
             print(f"median wall s: lab {med['lab']:.2f}  project {med['project']:.2f}")
             print(f"end_to_end_ratio {med['project'] / med['lab']:.3f}")
 
