@@ -56,13 +56,26 @@ def pearson(y_pred: np.ndarray, y_true: np.ndarray) -> float:
     return float(np.corrcoef(y_pred, y_true)[0][1])
 
 
+def f1_score_weighted(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """scikit-learn's `f1_score(y_true, y_pred, average="weighted")`, with its arithmetic step for step
+    (per label 2 tp / (true + predicted), averaged with the true counts as weights), so the same float.
+    Here rather than imported: importing sklearn.metrics cost each process 1-2 s for two sums."""
+    labels = np.union1d(y_true, y_pred)
+    tp = np.array([np.sum((y_true == c) & (y_pred == c)) for c in labels])
+    true_sum = np.array([np.sum(y_true == c) for c in labels])
+    pred_sum = np.array([np.sum(y_pred == c) for c in labels])
+    if true_sum.sum() == 0:
+        return 0.0
+    denom = true_sum.astype(np.float64) + pred_sum.astype(np.float64)
+    f = 2.0 * tp.astype(np.float64) / np.where(denom > 0, denom, 1.0)  # a label in neither has weight 0
+    return float(np.average(f, weights=true_sum))
+
+
 def eval_mosi_regression(y_pred: Any, y_true: Any) -> dict[str, float]:
     """MMSA's MOSI metrics (plus Mult_acc_3), each rounded to 4 places.
 
     Accepts numpy arrays or torch tensors of shape (N,) or (N, 1).
     """
-    from sklearn.metrics import f1_score  # here, not at import: the CLI's start-up does not need it
-
     p, t = _flat(y_pred), _flat(y_true)
     assert p.shape == t.shape, f"predictions {p.shape} and labels {t.shape} differ in size"
     assert p.size > 0, "no predictions to evaluate"
@@ -72,10 +85,10 @@ def eval_mosi_regression(y_pred: Any, y_true: Any) -> dict[str, float]:
     non0_p, non0_t = p[non_zero] > 0, t[non_zero] > 0
     results = {
         "Has0_acc_2": float(np.mean(has0_p == has0_t)),
-        "Has0_F1_score": float(f1_score(has0_t, has0_p, average="weighted")),
+        "Has0_F1_score": float(f1_score_weighted(has0_t, has0_p)),
         # MMSA divides by the non-zero count as-is; an all-zero label set is degenerate, report NaN.
         "Non0_acc_2": float(np.mean(non0_p == non0_t)) if non_zero.any() else float("nan"),
-        "Non0_F1_score": float(f1_score(non0_t, non0_p, average="weighted")) if non_zero.any() else float("nan"),
+        "Non0_F1_score": float(f1_score_weighted(non0_t, non0_p)) if non_zero.any() else float("nan"),
         "Mult_acc_3": multiclass_acc(np.clip(p, -1, 1), np.clip(t, -1, 1)),
         "Mult_acc_5": multiclass_acc(np.clip(p, -2, 2), np.clip(t, -2, 2)),
         "Mult_acc_7": multiclass_acc(np.clip(p, -3, 3), np.clip(t, -3, 3)),

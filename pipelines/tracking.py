@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from msa.config import stable_hash
 from msa.data import MOSIData
+from pipelines.cache import seed_sqlite_store
 from pipelines.errors import StoreError, UserError, check_writable_dir
 from pipelines.status import RunStatus
 
@@ -161,6 +162,7 @@ def setup(experiment: str) -> tuple[MlflowClient, str]:
     mlflow.set_tracking_uri(uri)
     try:
         with _store_lock(uri):
+            seed_sqlite_store(uri)
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             if exp is not None:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lower layers never import higher ones; a module may import its own layer (within a package).
 LAYERS = [
     ("msa",),
-    ("pipelines.status", "pipelines.errors"),
+    ("pipelines.status", "pipelines.errors", "pipelines.cache", "pipelines.fast_exit"),
     ("pipelines.tracking", "pipelines.executor", "pipelines.cluster", "pipelines.claims", "pipelines.devices",
      "pipelines.spec", "pipelines.progress", "pipelines.cores"),
     ("pipelines.stages", "pipelines.comparison", "pipelines.parent", "pipelines.registry"),

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 from msa.data import DataError, MOSIData, load
 from msa.synthetic import SyntheticSpec, make_synthetic
+from pipelines.cache import CACHE_ENV, cache_dir
 
 SYNTHETIC = "synthetic"
-CACHE_ENV = "MSA_CACHE"
 # --quick: MOSI's dims and sequence length, a tenth of its samples.
 QUICK_SIZES = (160, 64, 96)
-
-
-def cache_dir() -> Path:
-    """Where generated synthetic data is kept between runs ($MSA_CACHE, else ~/.cache/msa)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "msa")
 
 
 def prepare(source: str = SYNTHETIC, *, quick: bool = False, seed: int = 0, partial: bool = False) -> MOSIData:

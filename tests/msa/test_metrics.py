@@ -93,3 +93,17 @@ def test_constant_predictions_give_nan_corr_with_warning():
     with pytest.warns(RuntimeWarning, match="Corr is undefined"):
         got = eval_mosi_regression(np.zeros(4), t)
     assert math.isnan(got["Corr"]) and got["MAE"] == 1.375
+
+
+def test_weighted_f1_is_sklearns_float_for_float():
+    # Computed here (importing sklearn.metrics cost each process 1-2 s): it must stay sklearn's number exactly.
+    from sklearn.metrics import f1_score
+
+    from msa.metrics import f1_score_weighted
+
+    rng = np.random.default_rng(0)
+    for i in range(500):
+        n = int(rng.integers(1, 40))
+        t = rng.random(n) < rng.random()
+        p = t.copy() if i % 7 == 0 else np.ones(n, bool) if i % 11 == 0 else rng.random(n) < rng.random()
+        assert f1_score_weighted(t, p) == f1_score(t, p, average="weighted", zero_division=0.0), (t, p)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipelines.run import main
 from pipelines.spec import load_spec, parse_spec
@@ -83,6 +84,10 @@ def test_runs_hold_metric_histories_test_metrics_and_artifacts(quick_suite):
     assert {"test_predictions.csv", "loss_curve.png", "tensorboard"} <= names
     tb_files = client.list_artifacts(run.info.run_id, "tensorboard")
     assert any("events.out.tfevents" in a.path for a in tb_files)
+    assert "tensorboard_graph_error" not in run.data.tags
+    events = EventAccumulator(client.download_artifacts(run.info.run_id, "tensorboard"))
+    events.Reload()
+    assert events.Tags()["graph"] and len(events.Graph().node) > 10  # the model's graph, as TensorBoard shows it
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["data_digest"]
     local = Path(client.download_artifacts(run.info.run_id, "test_predictions.csv"))
     header = local.read_text().splitlines()[0]
