@@ -28,109 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msa.config import RunConfig, TrainConfig
 from msa.data import from_raw
-from msa.metrics import eval_mosi_regression
 from msa.synthetic import SyntheticSpec, generate_raw
 from msa.training import fit
 
-# --- the lab's code, copied from the seed; only I/O changed (arrays instead of a pickle, no prints) --
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab_mosi import MOSIDataset, MultimodalSentimentAnalysisModel, train_epoch, validate_model
 
-class MOSIDataset(Dataset):
-    def __init__(self, raw, split='train'):
-        data = raw
-        self.vision = data[split]['vision']
-        self.text = data[split]['text']
-        self.audio = data[split]['audio'].copy()
-        self.labels = data[split]['labels']
-        self.ids = data[split]['id']
-        self.audio[self.audio == float('inf')] = 0.0
-        self.audio[self.audio == float('-inf')] = 0.0
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, idx):
-        vision = torch.tensor(self.vision[idx], dtype=torch.float32)
-        text = torch.tensor(self.text[idx], dtype=torch.float32)
-        audio = torch.tensor(self.audio[idx], dtype=torch.float32)
-        label = torch.tensor(self.labels[idx], dtype=torch.float32).squeeze()
-        return vision, text, audio, label
-
-
-class MultimodalSentimentAnalysisModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.vision_norm = nn.LayerNorm(35)
-        self.text_norm = nn.LayerNorm(300)
-        self.audio_norm = nn.LayerNorm(74)
-        self.vision_fc = nn.Linear(35, 128)
-        self.text_fc = nn.Linear(300, 128)
-        self.audio_fc = nn.Linear(74, 128)
-        # dropout=0.1 in the lab; it is a no-op for one layer and only warns, so it is left out here.
-        self.vision_lstm = nn.LSTM(input_size=128, hidden_size=128, num_layers=1, batch_first=True)
-        self.text_lstm = nn.LSTM(input_size=128, hidden_size=128, num_layers=1, batch_first=True)
-        self.audio_lstm = nn.LSTM(input_size=128, hidden_size=128, num_layers=1, batch_first=True)
-        self.mm_lstm = nn.LSTM(input_size=128, hidden_size=128, num_layers=1, batch_first=True)
-        self.fc = nn.Linear(128, 1)
-
-    def forward(self, vision, text, audio):
-        vision = self.vision_norm(vision)
-        text = self.text_norm(text)
-        audio = self.audio_norm(audio)
-        vision = F.relu(self.vision_fc(vision))
-        text = F.relu(self.text_fc(text))
-        audio = F.relu(self.audio_fc(audio))
-        output_v, (vision_h, _) = self.vision_lstm(vision)
-        output_t, (text_h, _) = self.text_lstm(text)
-        output_a, (audio_h, _) = self.audio_lstm(audio)
-        feature = (vision_h[-1] + text_h[-1] + audio_h[-1]).unsqueeze(1)
-        _, (fusion_tensor, _) = self.mm_lstm(feature)
-        output = self.fc(fusion_tensor[-1])
-        output = torch.sigmoid(output)
-        output = output * 6 - 3
-        return output
-
-
-def lab_train_epoch(model, train_loader, criterion, optimizer, scheduler, device):
-    model.train()
-    running_loss = 0.0
-    for i, (vision, text, audio, labels) in enumerate(train_loader):
-        vision, text, audio, labels = vision.to(device), text.to(device), audio.to(device), labels.to(device)
-        optimizer.zero_grad()
-        outputs = model(vision, text, audio)
-        loss = criterion(outputs.view(-1), labels.view(-1))
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        running_loss += loss.item()
-    return running_loss / len(train_loader)
-
-
-def validate_model(model, valid_loader, criterion, device):
-    model.eval()
-    valid_loss = 0.0
-    all_preds = []
-    all_labels = []
-    with torch.no_grad():
-        for vision, text, audio, labels in valid_loader:
-            vision, text, audio, labels = vision.to(device), text.to(device), audio.to(device), labels.to(device)
-            outputs = model(vision, text, audio)
-            loss = criterion(outputs.squeeze(), labels.squeeze())
-            valid_loss += loss.item()
-            all_preds.append(outputs)
-            all_labels.append(labels)
-    all_preds = torch.cat(all_preds, dim=0)
-    all_labels = torch.cat(all_labels, dim=0)
-    eval_results = eval_mosi_regression(all_preds, all_labels)
-    return eval_results["Corr"]
-
+# --- the lab's code: benchmarks/lab_mosi.py, its script, driven epoch by epoch on arrays in memory ----
 
 def lab_epochs(raw, epochs, device, checkpoint_dir):
     """The lab's main()/train_model(), as a generator: yields after each epoch (train + validate)."""
@@ -140,15 +51,15 @@ def lab_epochs(raw, epochs, device, checkpoint_dir):
     torch.manual_seed(seed)
     criterion = nn.MSELoss()
     model = MultimodalSentimentAnalysisModel()
-    train_loader = DataLoader(MOSIDataset(raw, 'train'), batch_size=16, shuffle=True)
-    valid_loader = DataLoader(MOSIDataset(raw, 'valid'), batch_size=16, shuffle=False)
+    train_loader = DataLoader(MOSIDataset(None, 'train', raw=raw), batch_size=16, shuffle=True)
+    valid_loader = DataLoader(MOSIDataset(None, 'valid', raw=raw), batch_size=16, shuffle=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
     model.to(device)
     best_corr = 0.
     for epoch in range(epochs):
-        loss = lab_train_epoch(model, train_loader, criterion, optimizer, scheduler, device)
-        val_corr = validate_model(model, valid_loader, criterion, device)
+        loss = train_epoch(model, train_loader, criterion, optimizer, scheduler, device)
+        val_corr = validate_model(model, valid_loader, criterion, device, verbose=False)
         if val_corr > best_corr:
             best_corr = val_corr
             torch.save(model.state_dict(), os.path.join(checkpoint_dir, 'best_model.pth'))

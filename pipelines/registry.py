@@ -71,7 +71,7 @@ class Champion:
     def line(self) -> str:
         what = "champion" if self.moved else "champion unchanged (it scores better on this data)"
         return (f"{what}: {self.uri} = version {self.version}, {self.ablation}/seed-{self.seed} "
-                f"(validation {self.metric} {self.mean:.4f} ± {self.std:.4f} over {_seeds(self.n)})")
+                f"(validation {self.metric} {_spread(self.mean, self.std, self.n)})")
 
 
 def choose(candidates: Iterable[Candidate]) -> Candidate | None:
@@ -228,7 +228,7 @@ def _model_of(version) -> str | None:
 
 def _description(best: Candidate, seed: int, key: str, synthetic: bool, suite: str, digest: str) -> str:
     lines = [f"`{best.ablation}`, seed {seed}: the best mean validation {key} of suite `{suite}` "
-             f"({best.mean:.4f} ± {best.std:.4f} over {_seeds(len(best.scores))}; this seed "
+             f"({_spread(best.mean, best.std, len(best.scores))}; this seed "
              f"{best.scores[seed][1]:.4f}).",
              "Chosen on the validation split only; the test split took no part in the choice.",
              f"Data digest {digest}."]
@@ -237,8 +237,9 @@ def _description(best: Candidate, seed: int, key: str, synthetic: bool, suite: s
     return "\n\n".join(lines)
 
 
-def _seeds(n: int) -> str:
-    return f"{n} seed" + ("s" if n != 1 else "")
+def _spread(mean: float, std: float, n: int) -> str:
+    """`0.7123 ± 0.0101 over 3 seeds`; one seed has no spread to show: `0.7123 on 1 seed`."""
+    return f"{mean:.4f} ± {std:.4f} over {n} seeds" if n > 1 else f"{mean:.4f} on {n} seed"
 
 
 def describe_tags(tags: Mapping[str, str]) -> str:

@@ -136,3 +136,11 @@ def test_no_validation_scores_no_champion(store, suite_recorder):
                                     data_digest="d", synthetic=False, suite_label="s")
     assert champion is None and line.startswith("no champion: no ablation has a validation val_Corr")
     assert not MlflowClient(store).search_registered_models()
+
+
+def test_the_champion_line_shows_a_spread_only_over_several_seeds():
+    one = registry.Champion("m", "1", "baseline", 7, "r", "val_Corr", 0.5123, 0.0, 1, True)
+    three = registry.Champion("m", "2", "baseline", 7, "r", "val_Corr", 0.5123, 0.0101, 3, False)
+    assert one.line().endswith("(validation val_Corr 0.5123 on 1 seed)")
+    assert three.line().endswith("(validation val_Corr 0.5123 ± 0.0101 over 3 seeds)")
+    assert three.line().startswith("champion unchanged")
