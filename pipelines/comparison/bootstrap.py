@@ -122,11 +122,18 @@ def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
+# Half a unit of the reports' last printed digit: an interval inside (-NEGLIGIBLE, NEGLIGIBLE) prints as
+# [+0.000, +0.000] and is no difference, even when float noise keeps 0 just outside it (two runs of one
+# config trained with other thread counts differ in the 7th digit, always in the same direction).
+NEGLIGIBLE = 5e-4
+
+
 def direction_mark(metric: str, ci_low: float, ci_high: float) -> str:
-    """▲ better / ▼ worse than the baseline when the interval excludes 0, else ~ (or '' if unknown)."""
+    """▲ better / ▼ worse than the baseline when the interval excludes 0, else ~ (or '' if unknown).
+    An interval that lies within ±NEGLIGIBLE of 0 counts as containing it."""
     if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
         return ""
-    if ci_low <= 0 <= ci_high:
+    if ci_low <= 0 <= ci_high or max(abs(ci_low), abs(ci_high)) < NEGLIGIBLE:
         return SAME
     higher = ci_low > 0
     return BETTER if higher == HIGHER_IS_BETTER[metric] else WORSE

@@ -59,7 +59,7 @@ def direction(m: str) -> str:
 def legend() -> str:
     return (f"{BETTER} better / {WORSE} worse than the baseline in the metric's own direction (MAE: lower is "
             f"better): the 95% interval of the difference excludes 0. {SAME}: the interval contains 0, not "
-            "distinguishable from noise.")
+            "distinguishable from noise (so does one that prints as [+0.000, +0.000]).")
 
 
 def special_tests(c: Comparison) -> list[str]:
