@@ -33,9 +33,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _ablations(args: argparse.Namespace) -> int:
-    from pipelines import suite
+    from pipelines import suite, tracking
+    from pipelines.spec import TUNED
     from pipelines.stages.prepare import prepare
-    from pipelines.tuning import TUNED, tune_spec_for, tuned_override
 
     engine = engine_from_args(args)  # first: a device or cluster that cannot be had writes nothing
     # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
@@ -47,7 +47,10 @@ def _ablations(args: argparse.Namespace) -> int:
         _say_if_bf16_falls_back()
     data = prepare(args.data or spec.data, quick=args.quick)
     extra = {}
-    if not args.only or TUNED in args.only:
+    # Optuna (and the tuning package) only where a study can be found: its journal exists.
+    if (not args.only or TUNED in args.only) and tracking.study_journal().is_file():
+        from pipelines.tuning import tune_spec_for, tuned_override
+
         override = tuned_override(quick=args.quick, data_digest=data.digest, spec=tune_spec_for(spec.path))
         if override is not None:
             extra[TUNED] = override

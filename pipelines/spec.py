@@ -13,6 +13,7 @@ import yaml
 from msa.config import ConfigError, RunConfig, deep_merge
 
 DEFAULT_SPEC = Path(__file__).parent / "specs" / "ablations.yaml"
+TUNED = "improved_tuned"  # the Optuna-tuned improved model; joins a suite once a study has a best trial
 SPEC_KEYS = ("experiment", "data", "seeds", "base", "ablations", "quick")
 QUICK_KEYS = ("epochs", "seeds")
 

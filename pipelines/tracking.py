@@ -50,6 +50,12 @@ def local_root() -> Path:
     return MLRUNS.resolve()
 
 
+def study_journal() -> Path:
+    """The default Optuna study storage: a journal file beside the tracking store. Asking whether it
+    exists needs no Optuna, so `ablations` imports Optuna only when a study may join its suite."""
+    return local_root() / "optuna" / "journal.log"
+
+
 def is_local_store() -> bool:
     """A SQLite file on this machine (the default), as opposed to a tracking server others can reach."""
     return tracking_uri().startswith("sqlite:")

@@ -109,3 +109,16 @@ def test_no_pipelines_module_grows_past_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / "pipelines").rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these: {long}"
+
+
+def test_the_ablations_path_loads_neither_optuna_nor_dask():
+    # Each costs a command start-up time (issue 12): Optuna only where a study journal exists, Dask only
+    # where several workers run. A module-level import of either on this path would undo that.
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipelines.run, pipelines.suite, pipelines.stages.prepare, pipelines.stages.train, "
+            "pipelines.stages.compare, pipelines.cluster; "
+            "print(sorted(m for m in ('optuna', 'dask', 'distributed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

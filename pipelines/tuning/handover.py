@@ -15,12 +15,10 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from pipelines.spec import SpecError
+from pipelines.spec import TUNED, SpecError
 from pipelines.tuning.confirm import Choice, choose, describe
 from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, TuneSpec, load_tune_spec
 from pipelines.tuning.storage import default_storage_path, open_storage, storage_label
-
-TUNED = "improved_tuned"  # the Optuna-tuned improved model; joins a suite once a study has a best trial
 
 
 def default_study_name(spec: TuneSpec, quick: bool) -> str:

@@ -112,7 +112,7 @@ class OnDeadTrial:
 
 def default_storage_path() -> Path:
     """The default study storage: a journal file beside the tracking store."""
-    return tracking.local_root() / "optuna" / "journal.log"
+    return tracking.study_journal()
 
 
 def storage_label(storage: str | None) -> str:
