@@ -17,7 +17,7 @@ baseline with the paired bootstrap interval. Then one line per arm,
 `selection <arm> corr <test Corr> mae <test MAE> cpu_h <CPU hours> corr_gain_per_cpu_h <x>`, and which
 rule gave the better test Corr at what cost.
 
-    python benchmarks/selection.py [--trials 20] [--epochs 10] [--data synthetic] [--quick]
+    python benchmarks/selection.py [--trials 20] [--epochs 10] [--data synthetic] [--quick] [--sampler-seed N]
 
 One study per arm is one draw: a difference smaller than the intervals printed is not a finding.
 """
@@ -50,6 +50,8 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> None:
     from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, parse_tune_spec
 
     raw = {**read_yaml(DEFAULT_TUNE_SPEC), **ARMS[arm], "study": f"selection-{arm}", "compare_with": ["baseline"]}
+    if args.sampler_seed is not None:  # another draw of the same comparison
+        raw["sampler"] = {**raw.get("sampler", {}), "seed": args.sampler_seed}
     spec = parse_tune_spec(raw, str(DEFAULT_TUNE_SPEC))
     started = time.perf_counter()
     result = tune(spec, data_source=args.data, quick=args.quick, epochs=args.epochs, trials=args.trials,
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per trial and final run (default 10)")
     parser.add_argument("--data", default=None, help="a MOSI pickle, or synthetic (default: the spec's)")
     parser.add_argument("--quick", action="store_true", help="the quick profile's small data (a smoke test)")
+    parser.add_argument("--sampler-seed", type=int, help="TPE's seed in both arms (default: the spec's)")
     parser.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -102,27 +105,35 @@ def main(argv: list[str] | None = None) -> None:
             tmp.mkdir()
             child = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--out", str(tmp / "found.json"),
                      "--trials", str(args.trials), "--epochs", str(args.epochs)]
+            child += ["--sampler-seed", str(args.sampler_seed)] if args.sampler_seed is not None else []
             child += ["--data", args.data] if args.data else []
             child += ["--quick"] if args.quick else []
             env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
                    "MSA_PROGRESS": "0"}
             log = (tmp / "log.txt").open("w")
             children[arm] = (subprocess.Popen(child, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT), tmp)
-        for arm, (proc, tmp) in children.items():
-            # wait4: this child's CPU seconds, its own children's (the workers it waited for) included
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            cpu[arm] = usage.ru_utime + usage.ru_stime
-            if proc.returncode != 0:
-                sys.exit(f"arm {arm} failed ({proc.returncode}):\n{(tmp / 'log.txt').read_text()[-3000:]}")
-            found[arm] = json.loads((tmp / "found.json").read_text())
+        try:
+            for arm, (proc, tmp) in children.items():
+                # wait4: this child's CPU seconds, its own children's (the workers it waited for) included
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                cpu[arm] = usage.ru_utime + usage.ru_stime
+                if proc.returncode != 0:
+                    sys.exit(f"arm {arm} failed ({proc.returncode}):\n{(tmp / 'log.txt').read_text()[-3000:]}")
+                found[arm] = json.loads((tmp / "found.json").read_text())
+        finally:  # Ctrl-C, or one arm failed: the other one stops too (it records its runs as KILLED)
+            for proc, _ in children.values():
+                if proc.returncode is None:
+                    proc.terminate()
+                    proc.wait()
     for arm, f in found.items():
         label = " (SYNTHETIC data, not a MOSI result)" if f["synthetic"] else ""
         print(f"{arm:<9} {f['trials']} trials; search + choice {f['search_s']:.0f} s wall; whole command "
               f"{f['total_s']:.0f} s wall, {cpu[arm]:.0f} CPU s; winner trial {f['trial']}: validation Corr "
               f"{f['val_mean']:.4f} ± {f['val_std']:.4f} over {f['val_seeds']} seed(s)", flush=True)
         for metric in ("Corr", "MAE"):
-            print(f"          test {metric} {f[metric]:.3f} ± {f[f'{metric}_std']:.3f} (baseline "
+            spread = f"± {f[f'{metric}_std']:.3f}" if f[f"{metric}_std"] == f[f"{metric}_std"] else "(1 seed)"
+            print(f"          test {metric} {f[metric]:.3f} {spread} (baseline "
                   f"{f[f'{metric}_base']:.3f}): {f[f'{metric}_delta']:+.3f} [{f[f'{metric}_ci_low']:+.3f}, "
                   f"{f[f'{metric}_ci_high']:+.3f}] {f[f'{metric}_mark']}{label}", flush=True)
         print(f"          winner: {json.dumps(f['override'])}", flush=True)
@@ -130,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         hours = cpu[arm] / 3600
         print(f"selection {arm} corr {f['Corr']:.4f} mae {f['MAE']:.4f} cpu_h {hours:.3f} "
               f"corr_gain_per_cpu_h {(f['Corr'] - f['Corr_base']) / hours:+.4f}")
-    better = max(found, key=lambda a: found[a]["Corr"])
+    corr = {arm: f["Corr"] for arm, f in found.items()}
+    better = "neither (the same to 3 decimals)" if abs(corr["confirm"] - corr["two_seed"]) < 5e-4 \
+        else max(corr, key=corr.get)
     print(f"better test Corr: {better}; CPU two_seed / confirm {cpu['two_seed'] / cpu['confirm']:.2f}x")
 
 
