@@ -124,7 +124,7 @@ def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 # Half a unit of the reports' last printed digit: an interval inside (-NEGLIGIBLE, NEGLIGIBLE) prints as
 # [+0.000, +0.000] and is no difference, even when float noise keeps 0 just outside it (two runs of one
-# config trained with other thread counts differ in the 7th digit, always in the same direction).
+# model whose predictions differ by rounding only, seen in a study whose winner was the baseline's config).
 NEGLIGIBLE = 5e-4
 
 

@@ -30,11 +30,11 @@ def test_interval_and_mark_follow_the_metric_direction():
     assert 0 < low < high
     assert direction_mark("Corr", low, high) == "▲" and direction_mark("MAE", low, high) == "▼"
     assert direction_mark("Corr", -0.1, 0.1) == "~" and direction_mark("Corr", math.nan, math.nan) == ""
+    assert all(math.isnan(x) for x in interval(np.full(10, np.nan)))       # undefined throughout: no interval
 
 
 def test_an_interval_that_prints_as_zero_is_no_difference():
-    # Two runs of one config differ by float noise only: the interval is [+1e-8, +3e-8], which excludes 0
+    # Two runs of one model that differ by float rounding only: the interval is [+1e-8, +3e-8], which excludes 0
     # but reads [+0.000, +0.000]; marking it ▼ would report a difference nobody can see.
     assert direction_mark("MAE", 1e-8, 3e-8) == "~" and direction_mark("Corr", -3e-8, -1e-8) == "~"
     assert direction_mark("MAE", 1e-8, 6e-4) == "▼" and direction_mark("Corr", 6e-4, 2e-3) == "▲"
-    assert all(math.isnan(x) for x in interval(np.full(10, np.nan)))       # undefined throughout: no interval
