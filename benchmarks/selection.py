@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.comparison.bootstrap import NEGLIGIBLE  # noqa: E402  (what prints as 0.000)
+
 ARMS = {  # arm -> what it changes in the tune spec
     "confirm": {"seeds": [1111], "confirm": {"top": 3, "seeds": [1112, 1113]}},
     "two_seed": {"seeds": [1111, 1112], "confirm": {"top": 0}},
@@ -45,7 +48,7 @@ ARMS = {  # arm -> what it changes in the tune spec
 def run_arm(arm: str, args: argparse.Namespace, out: Path) -> None:
     """In a child process whose store and working folder are new: run `tune` with the arm's rule and
     write what it found to `out` (JSON)."""
-    from pipelines.spec import read_yaml
+    from pipelines.spec import TUNED, read_yaml
     from pipelines.tuning.pipeline import tune
     from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, parse_tune_spec
 
@@ -60,7 +63,7 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> None:
     session, comparison = result.session, result.comparison
     if comparison is None:
         sys.exit(f"arm {arm}: no comparison ({result.comparison_note})")
-    row = comparison.table.loc["improved_tuned"]
+    row = comparison.table.loc[TUNED]
     base = comparison.table.loc[comparison.baseline]
     choice = session.choice
     found = {
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{f['total_s']:.0f} s wall, {cpu[arm]:.0f} CPU s; winner trial {f['trial']}: validation Corr "
               f"{f['val_mean']:.4f} ± {f['val_std']:.4f} over {f['val_seeds']} seed(s)", flush=True)
         for metric in ("Corr", "MAE"):
-            spread = f"± {f[f'{metric}_std']:.3f}" if f[f"{metric}_std"] == f[f"{metric}_std"] else "(1 seed)"
+            spread = f"± {f[f'{metric}_std']:.3f}" if not math.isnan(f[f"{metric}_std"]) else "(1 seed)"
             print(f"          test {metric} {f[metric]:.3f} {spread} (baseline "
                   f"{f[f'{metric}_base']:.3f}): {f[f'{metric}_delta']:+.3f} [{f[f'{metric}_ci_low']:+.3f}, "
                   f"{f[f'{metric}_ci_high']:+.3f}] {f[f'{metric}_mark']}{label}", flush=True)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"selection {arm} corr {f['Corr']:.4f} mae {f['MAE']:.4f} cpu_h {hours:.3f} "
               f"corr_gain_per_cpu_h {(f['Corr'] - f['Corr_base']) / hours:+.4f}")
     corr = {arm: f["Corr"] for arm, f in found.items()}
-    better = "neither (the same to 3 decimals)" if abs(corr["confirm"] - corr["two_seed"]) < 5e-4 \
+    better = "neither (the same to 3 decimals)" if abs(corr["confirm"] - corr["two_seed"]) < NEGLIGIBLE \
         else max(corr, key=corr.get)
     print(f"better test Corr: {better}; CPU two_seed / confirm {cpu['two_seed'] / cpu['confirm']:.2f}x")
 
