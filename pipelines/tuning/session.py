@@ -25,6 +25,7 @@ from pipelines.stages.prepare import prepare
 from pipelines.stages.train import WorkerSetup
 from pipelines.suite import resolve_spec
 from pipelines.tuning import confirm
+from pipelines.tuning.claim import TrialClaim
 from pipelines.tuning.handover import TUNED, default_study_name, save_best
 from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, objective
 from pipelines.tuning.search import make_pruner, make_sampler, session_seed
@@ -53,7 +54,9 @@ class WorkerJob:
 def optimize(job: WorkerJob, data: MOSIData, threads: int | None, emit: Emit) -> None:
     """A worker's loop: take trials from the shared study until it holds `target` of them, then run
     any trial still queued (a dead worker's trial, re-queued: its failed predecessor counts towards
-    the target, so without this the re-queued one would wait forever and the study would stall)."""
+    the target, so without this the re-queued one would wait forever and the study would stall).
+    Counting and starting a trial is one step under the study's claim lock, so that workers finishing
+    together never start more than `target` trials between them."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings),
@@ -63,20 +66,23 @@ def optimize(job: WorkerJob, data: MOSIData, threads: int | None, emit: Emit) ->
     if searched_on is not None and searched_on != data.digest:
         raise DataError(f"a tune worker loaded '{data.source}' with digest {data.digest}; study '{job.study}' is "
                         f"searched on data with digest {searched_on}: every machine must see the same data file")
+    lock = TrialClaim(job.storage, job.study)
 
     def trial(t: optuna.Trial) -> float:
+        lock.release()  # the trial exists (RUNNING) now, so every other worker counts it
         # The share of the cores is taken per trial: another session may have started or ended.
         return objective(t, job.setup, data, where=job.where, threads=job.threads() if job.threads else threads,
                          emit=emit)
 
-    # Counting running trials too keeps parallel workers from overshooting the target.
-    if len(study.get_trials(deepcopy=False, states=COUNTED)) < job.target:
-        study.optimize(trial, timeout=job.timeout, catch=(Exception,),
-                       callbacks=[optuna.study.MaxTrialsCallback(job.target, states=COUNTED)])
-    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if job.timeout is not None and time.monotonic() - started > job.timeout:
-            return
-        study.optimize(trial, n_trials=1, catch=(Exception,))  # Optuna runs a queued trial first
+    try:
+        while job.timeout is None or time.monotonic() - started < job.timeout:
+            with lock:
+                queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if not queued and len(study.get_trials(deepcopy=False, states=COUNTED)) >= job.target:
+                    return
+                study.optimize(trial, n_trials=1, catch=(Exception,))  # Optuna runs a queued trial first
+    finally:
+        lock.close()
 
 
 @dataclass

@@ -151,7 +151,7 @@ def check_storage(storage: str | None) -> None:
         try:
             engine = sqlalchemy.create_engine(storage)
         except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as e:
-            hint = " (pip install psycopg2-binary)" if storage.startswith("postgres") else ""
+            hint = ' (pip install "psycopg[binary]")' if storage.startswith("postgres") else ""
             raise StoreError(f"study storage {label}: cannot be opened: {type(e).__name__}: {e}{hint}") from None
         try:
             with engine.connect():

@@ -1,6 +1,8 @@
 """The tune pipeline: trials searched on validation only, pruned, resumable, shared, tracked, and compared."""
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -213,6 +215,72 @@ def test_two_processes_share_one_journal_study(tmp_path, store):
     _, trials, _ = _tune_runs(MlflowClient(store))
     assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == [0, 1, 2, 3]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {session.parent_run_id}
+
+
+@pytest.fixture(params=["journal", "sqlite", "postgresql"])
+def race_storage(request, tmp_path):
+    """A fresh study storage of each kind a session may share between workers."""
+    if request.param == "journal":
+        yield str(tmp_path / "journal.log")
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'optuna.db'}"
+    else:
+        psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed: no PostgreSQL driver")
+        try:
+            admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True,
+                                    connect_timeout=3)
+        except psycopg.OperationalError as e:
+            pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 with user postgres and trust auth ({str(e).strip()[:200]})")
+        name = f"msa_race_{os.getpid()}"
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            admin.close()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_workers_finishing_together_never_start_more_trials_than_the_target(tmp_path, monkeypatch, race_storage):
+    from types import SimpleNamespace
+
+    from pipelines.suite import resolve_spec
+    from pipelines.tuning import session
+    from pipelines.tuning.objective import TrialSetup
+
+    spec = tune.load_tune_spec(_tune_spec(tmp_path))
+    setup = TrialSetup.from_specs(spec, resolve_spec(spec.ablations, only=None, seeds=None, epochs=None, quick=True))
+    optuna.create_study(study_name="race", storage=tune.open_storage(race_storage, spec.storage))
+    # Trials 0 and 1 end together; then each worker counts 2 of 3 and asks for a trial, and creating one
+    # takes a while: without the claim lock both would start one, and the study would hold 4.
+    together = threading.Barrier(2)
+
+    def objective(trial, *args, **kwargs):
+        if trial.number < 2:
+            together.wait(timeout=30)
+        return 0.5
+
+    ask = optuna.Study.ask
+
+    def slow_ask(study, *args, **kwargs):
+        time.sleep(0.5)
+        return ask(study, *args, **kwargs)
+
+    monkeypatch.setattr(session, "objective", objective)
+    monkeypatch.setattr(optuna.Study, "ask", slow_ask)
+    data = SimpleNamespace(digest="d", source="s")
+    jobs = [session.WorkerJob(race_storage, spec.storage, "race", 3, None, w, spec, setup, None, None)
+            for w in range(2)]
+    workers = [threading.Thread(target=session.optimize, args=(job, data, 1, print)) for job in jobs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    study = optuna.load_study(study_name="race", storage=tune.open_storage(race_storage))
+    assert [(t.number, t.state) for t in study.trials] == [(n, TrialState.COMPLETE) for n in range(3)]
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
