@@ -110,22 +110,25 @@ def test_same_seed_gives_bit_identical_results(tiny_data, model):
 
 
 def test_fit_leaves_threads_and_determinism_settings_as_it_found_them(tiny_data):
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    def settings():
+        return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+
+    before = settings()
     torch.set_num_threads(2)  # conftest runs tests on one thread: start from another count than fit's
     torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         seen = []
-
-        def during(epoch, metrics):
-            seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
-
-        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False, callback=during)
-        assert seen[0] == (1, True)  # fit did change them while it ran
-        assert torch.get_num_threads() == 2
-        assert not torch.are_deterministic_algorithms_enabled()
+        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False,
+            callback=lambda epoch, metrics: seen.append(settings()))
+        # fit did change them while it ran: deterministic kernels, without NaN-filling each new tensor
+        assert seen[0] == (1, True, False)
+        assert settings() == (2, False, True)
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def test_init_state_is_where_training_starts(tiny_data):
