@@ -20,7 +20,8 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from pipelines.tuning.storage import default_storage_path
+from pipelines.errors import StoreError
+from pipelines.tuning.storage import default_storage_path, storage_label
 
 _LOCAL: dict[str, threading.Lock] = {}
 
@@ -31,9 +32,11 @@ class TrialClaim:
     def __init__(self, storage: str | None, study: str):
         self._storage, self._study = storage, study
         self._held = False
-        self._file = None
-        self._conn = None
-        self._local = None
+        self._file = None                     # the locked file (journal, SQLite)
+        self._engine = self._conn = None      # the database connection holding the lock (PostgreSQL, MySQL)
+        self._unlock: str | None = None       # the statement that lets the database lock go
+        self._key: int | str | None = None    # the database lock's key: from the study's name
+        self._local: threading.Lock | None = None
 
     def __enter__(self) -> TrialClaim:
         url = self._storage or ""
@@ -62,8 +65,7 @@ class TrialClaim:
         elif self._conn is not None:
             import sqlalchemy
 
-            unlock = "SELECT pg_advisory_unlock(:k)" if self._is_pg else "SELECT RELEASE_LOCK(:k)"
-            self._conn.execute(sqlalchemy.text(unlock), {"k": self._key})
+            self._conn.execute(sqlalchemy.text(self._unlock), {"k": self._key})
         elif self._local is not None:
             self._local.release()
 
@@ -86,17 +88,20 @@ class TrialClaim:
     def _db_lock(self, url: str) -> None:
         import sqlalchemy
 
-        self._is_pg = url.startswith("postgres")
         if self._conn is None:
             self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
             self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        if self._is_pg:  # a signed 64-bit key from the study's name
-            self._key = int.from_bytes(hashlib.sha256(f"msa-tune:{self._study}".encode()).digest()[:8], "big",
-                                       signed=True)
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-        else:  # MySQL names are at most 64 characters
-            self._key = "msa-tune:" + hashlib.sha256(self._study.encode()).hexdigest()[:32]
-            self._conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, -1)"), {"k": self._key})
+        digest = hashlib.sha256(f"msa-tune:{self._study}".encode()).digest()
+        if url.startswith("postgres"):  # a signed 64-bit key
+            self._key, lock, self._unlock = (int.from_bytes(digest[:8], "big", signed=True),
+                                             "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
+        else:  # MySQL: a name of at most 64 characters; wait up to a year (MariaDB refuses -1, "forever")
+            self._key, lock, self._unlock = (f"msa-tune:{digest.hex()[:32]}", "SELECT GET_LOCK(:k, 31536000)",
+                                             "SELECT RELEASE_LOCK(:k)")
+        got = self._conn.execute(sqlalchemy.text(lock), {"k": self._key}).scalar()
+        if "GET_LOCK" in lock and got != 1:  # pg_advisory_lock waits or fails; GET_LOCK says 1 once held
+            raise StoreError(f"study storage {storage_label(self._storage)}: its trial lock {self._key!r} could not "
+                             f"be taken ({lock} gave {got!r})")
 
 
 __all__ = ["TrialClaim"]

@@ -217,13 +217,30 @@ def test_two_processes_share_one_journal_study(tmp_path, store):
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {session.parent_run_id}
 
 
-@pytest.fixture(params=["journal", "sqlite", "postgresql"])
+@pytest.fixture(params=["journal", "sqlite", "postgresql", "mysql"])
 def race_storage(request, tmp_path):
     """A fresh study storage of each kind a session may share between workers."""
     if request.param == "journal":
         yield str(tmp_path / "journal.log")
     elif request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'optuna.db'}"
+    elif request.param == "mysql":
+        pymysql = pytest.importorskip("pymysql", reason="pymysql is not installed: no MySQL driver")
+        try:
+            admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
+                                    autocommit=True)
+        except pymysql.err.MySQLError as e:
+            pytest.skip(f"no MySQL/MariaDB on 127.0.0.1:3306 with user root and no password ({e})")
+        name = f"msa_race_{os.getpid()}"
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            admin.close()
     else:
         psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed: no PostgreSQL driver")
         try:
