@@ -80,3 +80,45 @@ def test_a_job_whose_worker_dies_runs_again_and_one_that_always_kills_it_is_lost
     lost = [o for o in outcomes if isinstance(o, tuple)]
     assert 3 in outcomes and len(lost) == 1 and lost[0][1] == "victim"
     assert lost[0][2].startswith("its worker died on every attempt")
+
+
+def malloc_settings(job, resources, threads, emit):
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_local_workers_keep_glibcs_adaptive_malloc():
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ (it made every large tensor an mmap: 1.7x slower fits);
+    # its other pre-spawn settings still apply, so these are the nanny's processes.
+    outcomes = run_jobs([1, 2], malloc_settings, setup=Setup(), workers=2, on_event=lambda e: None)
+    assert outcomes == [(None, "1"), (None, "1")]
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+from pipelines.cluster import adaptive_malloc
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(300):
+        np.ones(1 << 18, dtype=np.float32)   # 1 MiB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+trimmed = faults()
+undone = adaptive_malloc()
+print(trimmed, undone, faults())
+"""
+
+
+def test_a_worker_started_with_malloc_trim_threshold_gets_large_blocks_reused_again():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    trimmed, undone, after = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True,
+                                            check=True).stdout.split()
+    assert undone == "True"
+    assert int(trimmed) > 300 * 200 and int(after) < int(trimmed) / 20   # each block mmapped anew, then not
+    env.pop("MALLOC_TRIM_THRESHOLD_")
+    plain = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
+    assert plain.stdout.split()[1] == "False"                                # nothing to undo
