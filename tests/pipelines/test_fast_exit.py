@@ -27,3 +27,15 @@ def test_a_running_non_daemon_thread_is_waited_for():
               "exit_now(0)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "thread done\n"
+
+
+def test_a_thread_pool_finishes_its_work_and_the_teardown_is_still_skipped():
+    script = ("from concurrent.futures import ThreadPoolExecutor\nimport time\n"
+              "from pipelines.fast_exit import exit_now\n"
+              "class Torn:\n    def __del__(self): print('teardown', flush=True)\n"
+              "kept = Torn()\n"
+              "pool = ThreadPoolExecutor(1)\npool.submit(print, 'idle after this', flush=True).result()\n"
+              "pool.submit(lambda: (time.sleep(0.3), print('task done', flush=True)))\n"
+              "exit_now(0)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "idle after this\ntask done\n", done.stderr
