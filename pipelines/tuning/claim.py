@@ -9,7 +9,7 @@ The lock lives where the study does, so it covers every process that can reach t
 - PostgreSQL: a session-level advisory lock keyed by the study name; MySQL: GET_LOCK of that name;
 - a journal file or an SQLite file: an exclusive `flock` (on the journal itself; for SQLite on a
   `<db>.claim` file beside it, so SQLite's own byte-range locks are never in its way);
-- anything else (an in-memory database): a lock inside this process.
+- an in-memory SQLite database (one process by nature): a lock inside this process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class TrialClaim:
         self._held = False
         self._file = None                     # the locked file (journal, SQLite)
         self._engine = self._conn = None      # the database connection holding the lock (PostgreSQL, MySQL)
-        self._unlock: str | None = None       # the statement that lets the database lock go
+        self._lock: str | None = None         # the statements that take and let go the database lock
+        self._unlock: str | None = None
         self._key: int | str | None = None    # the database lock's key: from the study's name
         self._local: threading.Lock | None = None
 
@@ -88,16 +89,17 @@ class TrialClaim:
     def _db_lock(self, url: str) -> None:
         import sqlalchemy
 
-        if self._conn is None:
+        if self._conn is None:  # once per worker: the connection, the key and the statements
             self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
             self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        digest = hashlib.sha256(f"msa-tune:{self._study}".encode()).digest()
-        if url.startswith("postgres"):  # a signed 64-bit key
-            self._key, lock, self._unlock = (int.from_bytes(digest[:8], "big", signed=True),
-                                             "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
-        else:  # MySQL: a name of at most 64 characters; wait up to a year (MariaDB refuses -1, "forever")
-            self._key, lock, self._unlock = (f"msa-tune:{digest.hex()[:32]}", "SELECT GET_LOCK(:k, 31536000)",
-                                             "SELECT RELEASE_LOCK(:k)")
+            digest = hashlib.sha256(f"msa-tune:{self._study}".encode()).digest()
+            if url.startswith("postgres"):  # a signed 64-bit key
+                self._key, self._lock, self._unlock = (int.from_bytes(digest[:8], "big", signed=True),
+                                                       "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
+            else:  # MySQL: a name of at most 64 characters; wait up to a year (MariaDB refuses -1, "forever")
+                self._key, self._lock, self._unlock = (f"msa-tune:{digest.hex()[:32]}",
+                                                       "SELECT GET_LOCK(:k, 31536000)", "SELECT RELEASE_LOCK(:k)")
+        lock = self._lock
         got = self._conn.execute(sqlalchemy.text(lock), {"k": self._key}).scalar()
         if "GET_LOCK" in lock and got != 1:  # pg_advisory_lock waits or fails; GET_LOCK says 1 once held
             raise StoreError(f"study storage {storage_label(self._storage)}: its trial lock {self._key!r} could not "

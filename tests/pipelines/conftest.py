@@ -13,6 +13,29 @@ import time
 import pytest
 
 
+def _database_admin(kind: str):
+    """An autocommit admin connection to the local PostgreSQL ("postgresql") or MySQL/MariaDB ("mysql")
+    server of our machines, or a skip saying why there is none."""
+    if kind == "mysql":
+        pymysql = pytest.importorskip("pymysql", reason="pymysql is not installed: no MySQL driver")
+        try:
+            return pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
+                                   autocommit=True)
+        except pymysql.err.MySQLError as e:
+            pytest.skip(f"no MySQL/MariaDB on 127.0.0.1:3306 with user root and no password ({e})")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed: no PostgreSQL driver")
+    try:
+        return psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 with user postgres and trust auth ({str(e).strip()[:200]})")
+
+
+@pytest.fixture(scope="session")
+def database_admin():
+    """`database_admin(kind)`: see _database_admin."""
+    return _database_admin
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """An empty SQLite tracking store in tmp_path; returns its URI."""

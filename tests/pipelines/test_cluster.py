@@ -41,14 +41,6 @@ ablations:
 """
 
 
-def _admin():
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed: no PostgreSQL driver")
-    try:
-        return psycopg.connect(f"{POSTGRES}/postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 with user postgres and trust auth ({str(e).strip()[:200]})")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,8 +121,8 @@ def _wait_healthy(url: str, procs: Processes, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def topology(tmp_path_factory) -> Topology:
-    admin = _admin()
+def topology(tmp_path_factory, database_admin) -> Topology:
+    admin = database_admin("postgresql")
     tmp = tmp_path_factory.mktemp("cluster")
     tag = uuid.uuid4().hex[:10]
     databases = {"mlflow": f"msa_test_{tag}_mlflow", "optuna": f"msa_test_{tag}_optuna"}

@@ -217,28 +217,12 @@ def test_two_processes_share_one_journal_study(tmp_path, store):
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {session.parent_run_id}
 
 
-def _admin(kind: str):
-    """An autocommit connection to the local database server of `kind`, or a skip saying why not."""
-    if kind == "mysql":
-        pymysql = pytest.importorskip("pymysql", reason="pymysql is not installed: no MySQL driver")
-        try:
-            return pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
-                                   autocommit=True)
-        except pymysql.err.MySQLError as e:
-            pytest.skip(f"no MySQL/MariaDB on 127.0.0.1:3306 with user root and no password ({e})")
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed: no PostgreSQL driver")
-    try:
-        return psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 with user postgres and trust auth ({str(e).strip()[:200]})")
-
-
 SERVERS = {"postgresql": ("postgresql://postgres@127.0.0.1:5432/{}", " WITH (FORCE)"),
            "mysql": ("mysql+pymysql://root@127.0.0.1:3306/{}", "")}
 
 
 @pytest.fixture(params=["journal", "sqlite", "postgresql", "mysql"])
-def race_storage(request, tmp_path):
+def race_storage(request, tmp_path, database_admin):
     """A fresh study storage of each kind a session may share between workers (a database of its own
     on the local server, dropped afterwards)."""
     if request.param == "journal":
@@ -247,7 +231,7 @@ def race_storage(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'optuna.db'}"
         return
-    admin, (url, force) = _admin(request.param), SERVERS[request.param]
+    admin, (url, force) = database_admin(request.param), SERVERS[request.param]
     name = f"msa_race_{os.getpid()}"
     with admin.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name}")
