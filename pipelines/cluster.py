@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipelines.executor import Emit, Engine, EngineError, Interrupted, Work, set_job_key
 
@@ -138,21 +138,41 @@ def _check_cluster(client, engine: Engine) -> None:
                               "declares a GPU; start GPU workers with `dask worker ... --resources GPU=1`")
 
 
-def cluster_devices(address: str, *, cuda: bool = True) -> tuple[int, int]:
-    """How many workers of the cluster at `address` declare a GPU resource, and how many have CUDA
-    (each answers for its own machine; asked only when `cuda`)."""
+class ClusterDevices(NamedTuple):
+    """What the workers of a cluster have, each answering for its own machine."""
 
+    gpu_workers: int                  # workers that declare a GPU resource
+    cuda_workers: int                 # workers with a CUDA device (asked only when CUDA may be used)
+    bf16: dict[str, bool | None]      # device type -> every worker has native bf16 on it (True), none
+                                      # (False), some (None); on cuda, among the workers with CUDA
+
+
+def cluster_devices(address: str, *, cuda: bool = True) -> ClusterDevices:
+    """What the workers of the cluster at `address` have (CUDA is asked about only when `cuda`)."""
     engine = Engine(scheduler=address)
     with connect(engine, 0) as client:
         workers = client.scheduler_info()["workers"].values()
         gpus = sum(bool(w.get("resources", {}).get("GPU")) for w in workers)
-        return gpus, (sum(client.run(_has_cuda).values()) if cuda and gpus else 0)
+        answers = list(client.run(_devices_here, cuda and gpus > 0).values())
+    with_cuda = [a for a in answers if a["cuda"]]
+    return ClusterDevices(gpus, len(with_cuda), {"cpu": _all_or_none([a["cpu_bf16"] for a in answers]),
+                                                 "cuda": _all_or_none([a["cuda_bf16"] for a in with_cuda])})
 
 
-def _has_cuda() -> bool:
+def _all_or_none(answers: list[bool]) -> bool | None:
+    """True when every answer is, False when none is, None when they differ or there are none."""
+    return answers[0] if answers and len(set(answers)) == 1 else None
+
+
+def _devices_here(cuda: bool) -> dict[str, bool]:
+    """On a worker: whether it has CUDA (asked only when `cuda`) and native bf16 on its CPU and GPU."""
     import torch
 
-    return torch.cuda.is_available()
+    from msa.training import bf16_supported
+
+    has_cuda = cuda and torch.cuda.is_available()
+    return {"cuda": has_cuda, "cpu_bf16": bf16_supported(torch.device("cpu")),
+            "cuda_bf16": has_cuda and bf16_supported(torch.device("cuda"))}
 
 
 def _outcome(future, job: Any, lost: Callable[[Any, str], Any] | None) -> Any:

@@ -47,12 +47,13 @@ def engine_from_args(args: argparse.Namespace, *, optuna_storage: str | None = N
                           "--storage postgresql://USER@HOST/DB (an Optuna RDB storage they all reach)")
     from pipelines.cluster import cluster_devices
 
-    gpus, cuda = cluster_devices(scheduler, cuda=args.device != "cpu")
+    found = cluster_devices(scheduler, cuda=args.device != "cpu")
     try:
-        device = devices.resolve_on_cluster(args.device, scheduler, gpu_workers=gpus, cuda_workers=cuda)
+        device = devices.resolve_on_cluster(args.device, scheduler, gpu_workers=found.gpu_workers,
+                                            cuda_workers=found.cuda_workers)
     except devices.DeviceError as e:
         raise EngineError(str(e)) from None
-    return Engine(scheduler=scheduler, device=device)
+    return Engine(scheduler=scheduler, device=device, cluster_bf16=found.bf16[device.partition(":")[0]])
 
 
 __all__ = ["add_engine_options", "engine_from_args"]

@@ -70,6 +70,8 @@ class Engine:
     scheduler: str | None = None   # a running Dask scheduler (tcp://HOST:PORT); None: this machine
     device: str = "cpu"            # what every job trains on, resolved: cpu, cuda or cuda:N
     gpu_slots: int = 1             # this machine, on CUDA: worker processes sharing the GPU, one run each
+    cluster_bf16: bool | None = None  # a cluster: every worker has native bf16 on `device` (True), none
+                                      # has (False), some have or not known (None)
 
     @classmethod
     def from_env(cls) -> Engine:
@@ -82,6 +84,17 @@ class Engine:
     def local_workers(self, workers: int) -> int:
         """Worker processes on this machine: one per GPU slot on CUDA, else as asked."""
         return self.gpu_slots if self.uses_gpu else max(1, workers)
+
+    def bf16_native(self) -> bool | None:
+        """Whether runs train bf16 natively where they go: this machine's `device`, or the cluster's
+        workers (`cluster_bf16`). None: some workers may and some not, each run records what it used."""
+        if self.scheduler:
+            return self.cluster_bf16
+        import torch
+
+        from msa import training
+
+        return training.bf16_supported(torch.device(self.device))
 
     def threads(self, workers: int) -> cores.Share | None:
         """Torch threads per job, taken as it starts: the cores split between this command's local

@@ -43,8 +43,6 @@ def _ablations(args: argparse.Namespace) -> int:
     spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick,
                               precision=args.precision)
     _check_outputs(REPORTS / spec.experiment)
-    if args.precision == "bf16":
-        _say_if_bf16_falls_back()
     data = prepare(args.data or spec.data, quick=args.quick)
     extra = {}
     # Optuna (and the tuning package) only where a study can be found: its journal exists.
@@ -98,16 +96,6 @@ def _check_outputs(reports: Path, storage: str | None = None, *, study: bool = F
         from pipelines.tuning import check_storage
 
         check_storage(storage)
-
-
-def _say_if_bf16_falls_back() -> None:
-    """Once per command, not once per run: the runs record it in their `precision_used` tag."""
-    from msa.training import bf16_supported, default_device
-
-    device = default_device()
-    if not bf16_supported(device):
-        print(f"warning: bf16 was asked for, but this {device.type} has no native bf16 (it would run slower): "
-              "every run trains in fp32", file=sys.stderr)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, TextIO
@@ -91,6 +91,20 @@ def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
     return replace(spec, seeds=tuple(dict.fromkeys(int(s) for s in seeds)))  # a repeated seed runs once
 
 
+def _precision_here(spec: Spec, engine: Engine, say: Callable[[str], None]) -> tuple[Spec, set[str]]:
+    """The spec as it trains where its runs go: an ablation that asks for bf16 where it is not native
+    (it would run slower) is an fp32 run, with an fp32 run's identity, so that it can never be taken
+    for, nor reused as, a bf16 run on a machine that has bf16. Said once; returns the names changed."""
+    asked = {n for n, c in spec.ablations.items() if c.train.precision == "bf16"}
+    if not asked or engine.bf16_native() is not False:
+        return spec, set()
+    where = "cluster's workers have" if engine.scheduler else f"{engine.device.partition(':')[0]} has"
+    say(f"warning: bf16 was asked for, but this {where} no native bf16 (it would run slower): "
+        f"{'every run trains' if asked == set(spec.ablations) else ', '.join(sorted(asked)) + ' train'} in fp32")
+    fp32 = {n: replace(c, train=replace(c.train, precision="fp32")) for n, c in spec.ablations.items() if n in asked}
+    return replace(spec, ablations={**spec.ablations, **fp32}), asked
+
+
 def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False, workers: int | None = None,
               stream: TextIO | None = None, extra_ablations: Mapping[str, Mapping[str, Any]] | None = None,
               suite_name: str = "ablations", data: MOSIData | None = None, engine: Engine | None = None
@@ -107,6 +121,7 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
         spec = spec.with_ablation(name, override)
     data = data if data is not None else prepare(source, quick=quick)
     say = lambda line: print(line, file=stream, flush=True)
+    spec, fell_back = _precision_here(spec, engine, say)
     say(data.summary().splitlines()[0])
     for name in extra_ablations or {}:
         say(f"including '{name}'")
@@ -144,7 +159,8 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
         # With a tracking server, workers on other machines cannot write to a folder here.
         tb_dir = str(tracking.tensorboard_dir(spec.experiment)) if tracking.is_local_store() else ""
         tasks = [RunTask(a, s, spec.ablations[a], k, experiment_id, parent_id, tb_dir, data_digest=data.digest,
-                         device=engine.device) for a, s, k in planned if k not in cached]
+                         device=engine.device, extra_tags=(("precision_requested", "bf16"),) if a in fell_back else ())
+                 for a, s, k in planned if k not in cached]
         tasks.sort(key=estimated_cost, reverse=True)  # longest first: no long run left alone at the end
         workers = workers or default_workers(len(tasks))
         say(f"{len(planned)} runs in experiment '{spec.experiment}': {len(rows)} cached, "

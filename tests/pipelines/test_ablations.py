@@ -298,8 +298,32 @@ def test_precision_is_plumbed_into_every_run_and_its_fallback_recorded(tmp_path,
     assert main(argv) == 0
     run = _children(MlflowClient(store), "unit")[0]
     native = bf16_supported(_torch.device("cpu"))
-    assert run.data.params["train.precision"] == "bf16"                       # part of the run's identity
-    assert run.data.tags["precision_used"] == ("bf16" if native else "fp32")
+    # Part of the run's identity: the precision it trains in (fp32, the default, is not written out).
+    assert run.data.params.get("train.precision", "fp32") == run.data.tags["precision_used"] == (
+        "bf16" if native else "fp32")
     if not native:
+        assert run.data.tags["precision_requested"] == "bf16"
         err = capsys.readouterr().err
         assert err.count("no native bf16") == 1 and "warning: bf16 was asked for" in err
+
+
+def test_bf16_where_it_is_not_native_is_an_fp32_run_never_reused_as_bf16(tmp_path, store, capsys, monkeypatch):
+    from msa import training
+
+    spec = _write_spec(tmp_path, "  baseline: {}\n", extra="base:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\n")
+    fp32 = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]
+    bf16 = [*fp32, "--precision", "bf16"]
+    runs = lambda: sorted((r.data.params.get("train.precision", "fp32"), r.data.tags["precision_used"],
+                           r.data.tags.get("precision_requested", "-")) for r in _children(MlflowClient(store), "unit"))
+
+    monkeypatch.setattr(training, "bf16_supported", lambda device: False)   # a CPU without native bf16
+    assert main(bf16) == 0 and runs() == [("fp32", "fp32", "bf16")]
+    assert "warning: bf16 was asked for, but this cpu has no native bf16" in capsys.readouterr().err
+    assert main(fp32) == 0 and len(runs()) == 1                             # the same run as a plain fp32 one
+    assert "1 cached" in capsys.readouterr().err
+
+    monkeypatch.setattr(training, "bf16_supported", lambda device: True)    # a machine that has it
+    assert main(bf16) == 0
+    assert "no native bf16" not in capsys.readouterr().err
+    assert runs() == [("bf16", "bf16", "-"), ("fp32", "fp32", "bf16")]      # trained in bf16, the fp32 run kept
+    assert main(bf16) == 0 and len(runs()) == 2                              # and that one is reused

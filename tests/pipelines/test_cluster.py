@@ -214,6 +214,17 @@ def test_the_quick_suite_runs_on_the_workers_and_everything_goes_through_the_ser
         assert not (place / "mlruns").exists(), place
 
 
+def test_the_workers_say_what_devices_and_bf16_they_have(topology):
+    import torch
+
+    from msa.training import bf16_supported
+    from pipelines.cluster import cluster_devices
+
+    found = cluster_devices(topology.scheduler)
+    # Both workers run on this machine: no GPU declared, this CPU's answer on bf16, none for CUDA.
+    assert found == (0, 0, {"cpu": bf16_supported(torch.device("cpu")), "cuda": None})
+
+
 def test_two_suites_started_at_once_train_each_run_exactly_once(topology):
     spec = str(topology.spec("twice", seeds="[7, 8]", extra="  vision_only: {model: {modalities: [vision]}}\n"))
     client = MlflowClient(topology.tracking_uri)

@@ -6,7 +6,7 @@ import signal
 import dask
 import pytest
 
-from pipelines.executor import describe, run_jobs
+from pipelines.executor import Engine, describe, run_jobs
 
 
 class Setup:
@@ -122,3 +122,11 @@ def test_a_worker_started_with_malloc_trim_threshold_gets_large_blocks_reused_ag
     env.pop("MALLOC_TRIM_THRESHOLD_")
     plain = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
     assert plain.stdout.split()[1] == "False"                                # nothing to undo
+
+
+def test_a_cluster_is_bf16_native_only_where_every_worker_says_so():
+    from pipelines.cluster import _all_or_none
+
+    assert _all_or_none([True, True]) is True and _all_or_none([False]) is False
+    assert _all_or_none([True, False]) is None and _all_or_none([]) is None   # mixed, or nobody to ask
+    assert Engine(scheduler="tcp://h:1", cluster_bf16=False).bf16_native() is False
