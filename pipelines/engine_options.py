@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipelines import claims, devices, tracking
+from pipelines import devices
 from pipelines.arguments import positive_int
 from pipelines.executor import SCHEDULER_ENV, Engine, EngineError
 
@@ -26,6 +26,7 @@ def engine_from_args(args: argparse.Namespace, *, optuna_storage: str | None = N
                      uses_optuna: bool = False) -> Engine:
     """The engine the options ask for; EngineError (one line for the user) when it cannot be had:
     no CUDA for --device cuda, a local store or study file with a scheduler, a scheduler not there."""
+    from pipelines import claims, tracking  # MLflow: imported when a command runs, not when it is parsed
     try:
         claims.grace_seconds()
     except ValueError as e:

@@ -1,7 +1,8 @@
 """The command line: `python -m pipelines.run <pipeline> [options]`.
 
 A user's mistake (a bad data file, a typo in a spec or a config value) ends with one line on stderr
-and exit status 2, never a traceback.
+and exit status 2, never a traceback. Parsing the command line imports neither torch nor MLflow
+(seconds on a small machine): `--help` and a mistyped option answer at once.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from msa.config import ConfigError
-from msa.data import DataError
 from pipelines.arguments import positive_int, positive_seconds, seed_value
 from pipelines.engine_options import add_engine_options, engine_from_args
 from pipelines.errors import UserError, check_writable_dir
-from pipelines.spec import SpecError
 
 EXIT_USER_ERROR = 2
 REPORTS = Path("reports")  # where comparisons are written, below the working folder
-USER_ERRORS = (UserError, DataError, ConfigError, SpecError)  # EngineError, StoreError, TuneError are UserErrors
 EXIT_INTERRUPTED = 130
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user's mistake raises (EngineError, StoreError, TuneError are UserErrors). Imported when
+    a command runs, not when its line is parsed: DataError's module imports torch."""
+    from msa.config import ConfigError
+    from msa.data import DataError
+    from pipelines.spec import SpecError
+
+    return UserError, DataError, ConfigError, SpecError
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -161,7 +168,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    from pipelines.stages.predict import SPLITS, URI_FORMS
+    from pipelines.stages.predict_options import SPLITS, URI_FORMS
 
     p = sub.add_parser("predict", help="apply a logged or registered model to a data file",
                        description="Load a model from the tracking store (the champion: "
@@ -275,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_sigterm_handler()  # from here on SIGTERM unwinds like Ctrl-C: runs in flight end KILLED
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -25,10 +25,9 @@ from msa.metrics import eval_mosi_regression
 from msa.training import predict
 from pipelines import tracking
 from pipelines.registry import describe_tags, logged_model_id
+from pipelines.stages.predict_options import SPLITS, URI_FORMS
 
-SPLITS = ("train", "valid", "test", "all")
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN_ID/model or a model folder"
 
 
 class PredictError(ValueError):

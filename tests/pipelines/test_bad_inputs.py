@@ -1,6 +1,7 @@
 """A careless user and a flaky machine: every mistake is one line on stderr, exit 2, and nothing is
 written to any store. Each case: what the user did, the words the line must hold."""
 
+import json
 import os
 import pickle
 import time
@@ -132,3 +133,27 @@ def test_a_mistake_is_one_line_exit_2_and_nothing_is_written(name, make, words, 
 def test_help_still_exits_0(capsys):
     assert main(["ablations", "--help"]) == 0
     assert "--seeds" in capsys.readouterr().out
+
+
+def test_help_and_a_mistyped_option_answer_without_importing_torch_or_mlflow():
+    """Parsing the command line imports no heavy library: `--help` and a typo answer at once, not after
+    the seconds that torch and MLflow take to import on a small machine."""
+    import subprocess
+    import sys
+
+    script = """
+import contextlib, io, json, sys
+from pipelines.run import main
+seen = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main(argv)
+    seen.append([argv, code, sorted(m for m in ("torch", "mlflow", "optuna", "dask", "pandas") if m in sys.modules)])
+print(json.dumps(seen))
+"""
+    argvs = [["--help"], ["ablations", "--help"], ["tune", "--help"], ["compare", "--help"], ["predict", "--help"],
+             ["prepare", "--help"], ["ablations", "--seeds", "foo"], ["tune", "--timeout", "-5"], ["nonsense"]]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[argv, 0 if "--help" in argv else 2, []] for argv in argvs]
