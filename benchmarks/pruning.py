@@ -27,9 +27,8 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import tune
-from pipelines.spec import read_yaml
+from pipelines.spec import read_yaml, resolve_spec
 from pipelines.stages.prepare import prepare
-from pipelines.suite import resolve_spec
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,15 +40,17 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _ablations(args: argparse.Namespace) -> int:
+    from pipelines.spec import TUNED, resolve_spec
+
+    # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up below.
+    only = [n for n in args.only if n != TUNED] if args.only else None
+    # First, before torch and MLflow are imported: a mistake in the spec answers at once.
+    spec = resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick,
+                        precision=args.precision)
     from pipelines import suite, tracking
-    from pipelines.spec import TUNED
     from pipelines.stages.prepare import prepare
 
-    engine = engine_from_args(args)  # first: a device or cluster that cannot be had writes nothing
-    # `improved_tuned` is no ablation of the spec: it comes from the tuning study, looked up here.
-    only = [n for n in args.only if n != TUNED] if args.only else None
-    spec = suite.resolve_spec(args.spec, only=only, seeds=args.seeds, epochs=args.epochs, quick=args.quick,
-                              precision=args.precision)
+    engine = engine_from_args(args)  # then: a device or cluster that cannot be had writes nothing
     _check_outputs(REPORTS / spec.experiment)
     data = prepare(args.data or spec.data, quick=args.quick)
     extra = {}

@@ -67,6 +67,26 @@ class Spec:
         return _resolve(self.path, name, self.base, deep_merge(override, {"train": self.train_overrides}))
 
 
+def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Sequence[int] | None,
+                 epochs: int | None, quick: bool, precision: str | None = None) -> Spec:
+    """The spec with the profile and command-line overrides applied (command line wins)."""
+    spec = load_spec(spec_path).select(only)
+    if quick:
+        spec = spec.with_train(epochs=spec.quick.get("epochs", 2))
+        spec = _with_seeds(spec, spec.quick.get("seeds", [spec.seeds[0]]))
+    if epochs is not None:
+        spec = spec.with_train(epochs=epochs)
+    if precision is not None:
+        spec = spec.with_train(precision=precision)
+    if seeds:
+        spec = _with_seeds(spec, seeds)
+    return spec
+
+
+def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
+    return replace(spec, seeds=tuple(dict.fromkeys(int(s) for s in seeds)))  # a repeated seed runs once
+
+
 def read_yaml(path: Path) -> Any:
     """A spec file's content; a missing file or broken YAML is a SpecError naming the file."""
     if not path.is_file():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, TextIO
@@ -25,7 +25,7 @@ from pipelines import claims, parent, registry, tracking
 from pipelines.executor import Engine, default_workers, run_jobs
 from pipelines.progress import SuiteProgress, fmt_duration
 from pipelines.registry import Champion
-from pipelines.spec import Spec, load_spec
+from pipelines.spec import Spec
 from pipelines.stages.compare import Comparison, compare_suite
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import RunOutcome, RunTask, WorkerSetup, execute
@@ -69,26 +69,6 @@ class SuiteResult:
     @property
     def failed(self) -> list[SuiteRow]:
         return [r for r in self.rows if not r.status.usable]
-
-
-def resolve_spec(spec_path: str | None, *, only: Sequence[str] | None, seeds: Sequence[int] | None,
-                 epochs: int | None, quick: bool, precision: str | None = None) -> Spec:
-    """The spec with the profile and command-line overrides applied (command line wins)."""
-    spec = load_spec(spec_path).select(only)
-    if quick:
-        spec = spec.with_train(epochs=spec.quick.get("epochs", 2))
-        spec = _with_seeds(spec, spec.quick.get("seeds", [spec.seeds[0]]))
-    if epochs is not None:
-        spec = spec.with_train(epochs=epochs)
-    if precision is not None:
-        spec = spec.with_train(precision=precision)
-    if seeds:
-        spec = _with_seeds(spec, seeds)
-    return spec
-
-
-def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
-    return replace(spec, seeds=tuple(dict.fromkeys(int(s) for s in seeds)))  # a repeated seed runs once
 
 
 def _precision_here(spec: Spec, engine: Engine, say: Callable[[str], None]) -> tuple[Spec, set[str]]:
@@ -287,4 +267,4 @@ def report(result: SuiteResult, comparison: Comparison | None = None, note: str 
               "(any run of the suite; each holds its TensorBoard events under tensorboard/)", file=stream)
 
 
-__all__ = ["resolve_spec", "run_suite", "compare", "report", "SuiteResult", "SuiteRow", "SUITE_FILE"]
+__all__ = ["run_suite", "compare", "report", "SuiteResult", "SuiteRow", "SUITE_FILE"]

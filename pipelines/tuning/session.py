@@ -20,10 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 from msa.data import DataError, MOSIData
 from pipelines import claims, cores, tracking
 from pipelines.executor import Engine, run_jobs
-from pipelines.spec import Spec
+from pipelines.spec import Spec, resolve_spec
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import WorkerSetup
-from pipelines.suite import resolve_spec
 from pipelines.tuning import confirm
 from pipelines.tuning.claim import TrialClaim
 from pipelines.tuning.handover import TUNED, default_study_name, save_best

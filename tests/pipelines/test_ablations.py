@@ -13,8 +13,7 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipelines.run import main
-from pipelines.spec import load_spec, parse_spec
-from pipelines.suite import resolve_spec
+from pipelines.spec import load_spec, parse_spec, resolve_spec
 
 NAMES = ["baseline", "transformer", "no_layernorm", "text_only", "vision_only", "audio_only", "text_vision",
          "text_audio", "vision_audio", "loss_mae", "loss_huber", "attention_fusion", "improved"]

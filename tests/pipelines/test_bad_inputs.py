@@ -135,9 +135,10 @@ def test_help_still_exits_0(capsys):
     assert "--seeds" in capsys.readouterr().out
 
 
-def test_help_and_a_mistyped_option_answer_without_importing_torch_or_mlflow():
+def test_help_and_a_mistyped_option_answer_without_importing_torch_or_mlflow(tmp_path):
     """Parsing the command line imports no heavy library: `--help` and a typo answer at once, not after
-    the seconds that torch and MLflow take to import on a small machine."""
+    the seconds that torch and MLflow take to import on a small machine. A mistake in a spec is found
+    before MLflow is imported (validating a config reads the model registry, so torch is)."""
     import subprocess
     import sys
 
@@ -153,7 +154,10 @@ print(json.dumps(seen))
 """
     argvs = [["--help"], ["ablations", "--help"], ["tune", "--help"], ["compare", "--help"], ["predict", "--help"],
              ["prepare", "--help"], ["ablations", "--seeds", "foo"], ["tune", "--timeout", "-5"], ["nonsense"]]
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2])
+    typo = SPEC.replace("baseline: {}", "baseline: {model: {hiden: 3}}")
+    bad_spec = ["ablations", "--quick", "--spec", _spec(tmp_path, typo)]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([*argvs, bad_spec])], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [[argv, 0 if "--help" in argv else 2, []] for argv in argvs]
+    assert json.loads(done.stdout) == [[argv, 0 if "--help" in argv else 2, []] for argv in argvs] + [
+        [bad_spec, 2, ["torch"]]]

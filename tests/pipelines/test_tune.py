@@ -248,7 +248,7 @@ def race_storage(request, tmp_path, database_admin):
 def test_workers_finishing_together_never_start_more_trials_than_the_target(tmp_path, monkeypatch, race_storage):
     from types import SimpleNamespace
 
-    from pipelines.suite import resolve_spec
+    from pipelines.spec import resolve_spec
     from pipelines.tuning import session
     from pipelines.tuning.objective import TrialSetup
 
