@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import random
 import time
 import warnings
@@ -110,19 +111,34 @@ def default_device() -> torch.device:
 
 # --- precision --------------------------------------------------------------------------------------
 
+def _cpuinfo(field: str) -> str:
+    """The first processor's `field` in /proc/cpuinfo; '' where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.split(":")[0].strip() == field), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matrix work is native here, so autocast makes it faster: a CUDA device with bf16
     (Ampere and later), or a CPU with AVX-512 BF16 or AMX. Elsewhere it is emulated, i.e. slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line for line in f if line.startswith("flags")), "").split()
-        except OSError:  # not Linux: no reliable way to tell, so never risk a slower run
-            return False
+    if device.type == "cpu":  # not Linux: no flags, so no reliable way to tell, so never risk a slower run
+        flags = _cpuinfo("flags").split()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
+
+
+def device_name(device: torch.device) -> str:
+    """What a run's numbers depend on beyond its config, seed and thread count: the GPU's name, or the
+    CPU's model (torch draws dropout masks with MKL's generator on Intel CPUs only, so one seed gives
+    other masks on an AMD CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def resolve_precision(requested: str, device: torch.device, supported: bool | None = None) -> str:

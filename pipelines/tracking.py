@@ -185,6 +185,18 @@ def setup(experiment: str) -> tuple[MlflowClient, str]:
         raise StoreError(f"tracking store {without_password(uri)}: {first}") from None
 
 
+def hardware_tags(device: str, threads: int | None) -> dict[str, str]:
+    """What a run's numbers depend on beyond its config, data and seed, so that it can be reproduced
+    to the last digit: the CPU model or GPU name, and torch's thread count (the default when None),
+    which changes reduction order and so the last digits."""
+    import torch
+
+    from msa.training import device_name
+
+    return {"device_name": device_name(torch.device(device)),
+            "torch_threads": str(threads if threads is not None else torch.get_num_threads())}
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """The git commit the code ran from (with -dirty for local changes), else the package version."""

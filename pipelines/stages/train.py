@@ -115,7 +115,8 @@ def execute(task: RunTask, data: MOSIData, threads: int | None = None, progress:
         "ablation": task.ablation, "seed": str(task.seed), "run_key": task.run_key,
         "config_hash": task.config.config_hash(), "data_digest": data.digest,
         "synthetic": str(data.synthetic).lower(), "code_version": tracking.code_version(),
-        "data_source": data.source, "device": task.device, **dict(task.extra_tags), **claims.claim_tags(),
+        "data_source": data.source, "device": task.device, **tracking.hardware_tags(task.device, threads),
+        **dict(task.extra_tags), **claims.claim_tags(),
     }
     params = {**task.config.flat(), "seed": task.seed, **{f"data.dim.{m}": d for m, d in data.dims.items()}}
     if taken is None:

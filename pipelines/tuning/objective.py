@@ -98,13 +98,14 @@ class TrialRun:
     """One trial as an MLflow run under the session's parent (Optuna's own MLflowCallback is
     deprecated and cannot nest runs). Deliberately no `ablation` tag: trials are not suite runs."""
 
-    def __init__(self, where: TrialTracking, trial: optuna.Trial):
+    def __init__(self, where: TrialTracking, trial: optuna.Trial, device: str, threads: int | None):
         self.client = MlflowClient(where.uri)
         start_from = trial.user_attrs.get("start_from")
         self.run_id = tracking.start_run(
             self.client, where.experiment_id, f"trial-{trial.number}", parent_run_id=where.parent_run_id,
             tags={"optuna_trial": str(trial.number), "optuna_study": where.study,
                   "optuna_state": TrialState.RUNNING.name, **dict(where.tags),
+                  **tracking.hardware_tags(device, threads),
                   **({"start_from": start_from} if start_from else {})})
         trial.set_user_attr("mlflow_run_id", self.run_id)
         self.log_epoch = tracking.EpochLogger(self.client, self.run_id)
@@ -129,7 +130,7 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
     """Train one sampled config on train, select on valid; return the mean over seeds of the
     selected epoch's validation metric. Every epoch reports to the pruner."""
     start = time.monotonic()
-    run = TrialRun(where, trial) if where is not None else None
+    run = TrialRun(where, trial, setup.device, threads) if where is not None else None
     last = {"step": 0, "value": math.nan, "epoch_seconds": 0.0}
 
     def end(state: TrialState, value: float | None, note: str | None) -> None:

@@ -290,13 +290,17 @@ def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path,
 def test_precision_is_plumbed_into_every_run_and_its_fallback_recorded(tmp_path, store, capsys):
     import torch as _torch
 
-    from msa.training import bf16_supported
+    from msa.training import bf16_supported, device_name
+    from pipelines.executor import threads_per_worker
 
     spec = _write_spec(tmp_path, "  baseline: {}\n", extra="base:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\n")
     argv = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1", "--precision", "bf16"]
     assert main(argv) == 0
     run = _children(MlflowClient(store), "unit")[0]
     native = bf16_supported(_torch.device("cpu"))
+    # What the run's last digits depend on beyond its identity: this CPU, and one worker's threads.
+    assert run.data.tags["device_name"] == device_name(_torch.device("cpu")) != ""
+    assert run.data.tags["torch_threads"] == str(threads_per_worker(1))
     # Part of the run's identity: the precision it trains in (fp32, the default, is not written out).
     assert run.data.params.get("train.precision", "fp32") == run.data.tags["precision_used"] == (
         "bf16" if native else "fp32")

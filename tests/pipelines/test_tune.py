@@ -8,10 +8,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from msa.training import device_name
 from pipelines import tune
 from pipelines.run import main
 from pipelines.spec import SpecError
@@ -84,6 +86,9 @@ def _study(tuned):
     return optuna.load_study(study_name="unit-quick", storage=tune.open_storage(str(tuned["storage"])))
 
 
+CPU_NAME = device_name(torch.device("cpu"))
+
+
 def test_trials_are_nested_under_one_parent_per_session_and_tagged(tuned):
     assert tuned["rcs"] == (0, 0)
     parents, trials, _ = _tune_runs(tuned["client"])
@@ -102,6 +107,7 @@ def test_trials_are_nested_under_one_parent_per_session_and_tagged(tuned):
         assert t.info.run_name == f"trial-{t.data.tags['optuna_trial']}"
         assert t.data.tags["optuna_state"] == "COMPLETE" and t.data.tags["optuna_study"] == "unit-quick"
         assert "ablation" not in t.data.tags           # trials are not suite runs
+        assert t.data.tags["device_name"] == CPU_NAME and int(t.data.tags["torch_threads"]) >= 1
         assert t.data.params["model.hidden"] in ("8", "16") and t.data.params["train.epochs"] == "1"
         for key in ("val_Corr", "val_MAE", "val_loss", "train_loss"):
             assert [m.step for m in tuned["client"].get_metric_history(t.info.run_id, key)] == [1], key
