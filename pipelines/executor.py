@@ -52,9 +52,19 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
-def default_workers(n_jobs: int) -> int:
-    """One single-threaded worker per core: these small models train faster side by side than
-    with several threads each (see benchmarks/suite_throughput.py)."""
+# Below this much training in all, counted in epochs of the lab's baseline on MOSI-sized data, one
+# worker with every core finishes first: starting worker processes (each imports torch and MLflow)
+# costs more than they win. Measured on 2 cores: `ablations --quick` (3.5 such epochs) 42.6 s on one
+# worker against 54.0 s on two; 6 ablations x 2 seeds x 2 MOSI-sized epochs (37) 1.06x faster on two.
+PARALLEL_WORK = 30.0
+
+
+def default_workers(n_jobs: int, work: float | None = None) -> int:
+    """One single-threaded worker per core (these small models train faster side by side than with
+    several threads each; benchmarks/suite_throughput.py), unless the jobs hold less `work` than
+    PARALLEL_WORK: then one worker, in this process, with every core."""
+    if work is not None and work < PARALLEL_WORK:
+        return 1
     return max(1, min(cores.available(), n_jobs))
 
 
@@ -172,4 +182,5 @@ def _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engin
 
 
 __all__ = ["run_jobs", "Engine", "EngineError", "Interrupted", "install_sigterm_handler", "default_workers",
+           "PARALLEL_WORK",
            "threads_per_worker", "describe", "current_job_key", "set_job_key", "SCHEDULER_ENV"]

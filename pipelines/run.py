@@ -82,8 +82,9 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", nargs="+", type=seed_value, metavar="N", help="seeds (default: the spec's three)")
     p.add_argument("--epochs", type=positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
     p.add_argument("--workers", type=positive_int, metavar="N",
-                   help="parallel worker processes (default: one per core, cores split between them; "
-                        "with --scheduler the cluster's workers)")
+                   help="parallel worker processes (default: one per core, cores split between them, unless "
+                        "the suite is too small to repay starting them: then one, with every core; with "
+                        "--scheduler the cluster's workers)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: 2 epochs, one seed, and small synthetic data with the real dims "
                         "(a --data file is used whole)")

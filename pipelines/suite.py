@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from mlflow.exceptions import MlflowException
 
+from msa.config import ModelConfig
 from msa.data import MOSIData
 from msa.metrics import eval_mosi_regression
 from msa.models import relative_cost
@@ -142,7 +143,8 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
                          device=engine.device, extra_tags=(("precision_requested", "bf16"),) if a in fell_back else ())
                  for a, s, k in planned if k not in cached]
         tasks.sort(key=estimated_cost, reverse=True)  # longest first: no long run left alone at the end
-        workers = workers or default_workers(len(tasks))
+        # On this machine a small suite trains in this process: starting workers would cost more.
+        workers = workers or default_workers(len(tasks), None if engine.scheduler else _work(tasks, data))
         say(f"{len(planned)} runs in experiment '{spec.experiment}': {len(rows)} cached, "
             + (engine.describe(workers, len(tasks)) if tasks else "nothing to train"))
 
@@ -220,6 +222,15 @@ def _wait_for_elsewhere(client, experiment_id: str, tasks: list[RunTask], rows: 
 def estimated_cost(task: RunTask) -> float:
     """Relative training time of a run: its epochs times what its components declare one costs."""
     return task.config.train.epochs * relative_cost(task.config.model)
+
+
+MOSI_TRAIN_STEPS = 1284 * 50  # MOSI's train split: samples x aligned steps
+
+
+def _work(tasks: list[RunTask], data: MOSIData) -> float:
+    """The tasks' training in epochs of the lab's baseline on MOSI-sized data (what PARALLEL_WORK counts)."""
+    scale = len(data["train"]) * max(data.seq_lens.values()) / MOSI_TRAIN_STEPS
+    return sum(map(estimated_cost, tasks)) / relative_cost(ModelConfig()) * scale
 
 
 def _test_metrics(run) -> dict[str, float]:

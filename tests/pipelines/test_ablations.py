@@ -46,6 +46,32 @@ def test_default_spec_has_the_lab_names():
     assert len(load_spec().seeds) == 3
 
 
+def test_the_quick_suite_is_small_work_and_the_full_one_is_not():
+    """In epochs of the lab's baseline on MOSI-sized data: what decides whether workers are started."""
+    from pipelines.executor import PARALLEL_WORK
+    from pipelines.stages.train import RunTask
+    from pipelines.suite import _work
+
+    def work(quick: bool, train: int) -> float:
+        spec = resolve_spec(None, only=None, seeds=None, epochs=None, quick=quick)
+        tasks = [RunTask(a, s, c, "k", "1", None, "") for a, c in spec.ablations.items() for s in spec.seeds]
+        return _work(tasks, _Sized({"text": 50, "vision": 50, "audio": 50}, train))
+
+    quick, full = work(quick=True, train=160), work(quick=False, train=1284)
+    assert quick == pytest.approx(28 * 160 / 1284) and quick < PARALLEL_WORK     # 13 ablations x 1 seed x 2
+    assert full == pytest.approx(840) and full > PARALLEL_WORK                   # 13 x 3 seeds x 20 epochs
+
+
+class _Sized:
+    """What `_work` reads of a data set: the train split's length and the sequence lengths."""
+
+    def __init__(self, seq_lens, n_train):
+        self.seq_lens, self._n = seq_lens, n_train
+
+    def __getitem__(self, split):
+        return range(self._n)
+
+
 def test_a_repeated_seed_runs_once():
     assert resolve_spec(None, only=["baseline"], seeds=[7, 3, 7], epochs=None, quick=False).seeds == (7, 3)
     assert parse_spec({"experiment": "e", "seeds": [5, 5, 1], "ablations": {"baseline": {}}}, "s.yaml").seeds == (5, 1)

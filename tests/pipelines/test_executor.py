@@ -130,3 +130,12 @@ def test_a_cluster_is_bf16_native_only_where_every_worker_says_so():
     assert _all_or_none([True, True]) is True and _all_or_none([False]) is False
     assert _all_or_none([True, False]) is None and _all_or_none([]) is None   # mixed, or nobody to ask
     assert Engine(scheduler="tcp://h:1", cluster_bf16=False).bf16_native() is False
+
+
+def test_a_suite_too_small_to_repay_starting_workers_runs_in_one_with_every_core():
+    from pipelines.executor import PARALLEL_WORK, default_workers
+
+    cores = os.cpu_count()
+    assert default_workers(13) == min(cores, 13)                        # nothing known of the work: as before
+    assert default_workers(13, work=PARALLEL_WORK - 1) == 1
+    assert default_workers(13, work=PARALLEL_WORK) == min(cores, 13)
