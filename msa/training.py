@@ -8,6 +8,7 @@ in through `callback(epoch, metrics)`, which may ask to stop by returning True.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -111,8 +112,10 @@ def default_device() -> torch.device:
 
 # --- precision --------------------------------------------------------------------------------------
 
+@functools.cache
 def _cpuinfo(field: str) -> str:
-    """The first processor's `field` in /proc/cpuinfo; '' where there is none (not Linux)."""
+    """The first processor's `field` in /proc/cpuinfo; '' where there is none (not Linux). Read once
+    per field and process: every run asks for the flags and the model name."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((line for line in f if line.split(":")[0].strip() == field), "")
@@ -126,7 +129,7 @@ def bf16_supported(device: torch.device) -> bool:
     (Ampere and later), or a CPU with AVX-512 BF16 or AMX. Elsewhere it is emulated, i.e. slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # not Linux: no flags, so no reliable way to tell, so never risk a slower run
+    if device.type == "cpu":  # no flags (not Linux): no reliable way to tell, and never risk a slower run
         flags = _cpuinfo("flags").split()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False

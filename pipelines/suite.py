@@ -22,6 +22,7 @@ from msa.config import ModelConfig
 from msa.data import MOSIData
 from msa.metrics import eval_mosi_regression
 from msa.models import relative_cost
+from msa.synthetic import MOSI_SIZES, SyntheticSpec
 from pipelines import claims, parent, registry, tracking
 from pipelines.executor import Engine, default_workers, run_jobs
 from pipelines.progress import SuiteProgress, fmt_duration
@@ -224,7 +225,7 @@ def estimated_cost(task: RunTask) -> float:
     return task.config.train.epochs * relative_cost(task.config.model)
 
 
-MOSI_TRAIN_STEPS = 1284 * 50  # MOSI's train split: samples x aligned steps
+MOSI_TRAIN_STEPS = MOSI_SIZES[0] * SyntheticSpec.seq_len  # MOSI's train split: samples x aligned steps
 
 
 def _work(tasks: list[RunTask], data: MOSIData) -> float:
