@@ -106,6 +106,22 @@ def _torch_settings(threads: int | None) -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = saved[5]
 
 
+@contextlib.contextmanager
+def _deterministic_attention(device: torch.device) -> Iterator[None]:
+    """On a GPU, scaled-dot-product attention in its math kernel only. cuDNN's, flash and memory-efficient
+    attention have non-deterministic backward passes (torch warns that each "defaults to a
+    non-deterministic algorithm"), so without this a Transformer variant rerun on CUDA is not the same
+    run. At these sequence lengths (T = 50) the math kernel costs little. On a CPU nothing changes, so
+    CPU results stay what they were."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # restores the kernels it found on the way out
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -219,7 +235,7 @@ def fit(run_config: RunConfig, data: MOSIData, *, seed: int, callback: Callback 
     mcfg, tcfg = run_config.model, run_config.train
     device = torch.device(device) if device is not None else default_device()
     precision = resolve_precision(tcfg.precision, device)
-    with _torch_settings(threads):
+    with _torch_settings(threads), _deterministic_attention(device):
         seed_everything(seed)
         model = build_model(mcfg, data.dims).to(device)
         if init_state is not None:

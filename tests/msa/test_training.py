@@ -66,7 +66,7 @@ def test_fit_is_the_lab_loop(tiny_data):
     """One epoch of `fit` equals an obvious per-item loop over the same batches (the lab's, with
     its DataLoader's shuffling replaced by the seeded permutation `fit` uses)."""
     cfg = run(epochs=1, batch_size=8)
-    result = fit(cfg, tiny_data, seed=5, evaluate_test=False)
+    result = fit(cfg, tiny_data, seed=5, evaluate_test=False, device="cpu")  # the loop below runs on the CPU
 
     seed_everything(5)
     model = build_model(cfg.model, tiny_data.dims)
@@ -112,7 +112,8 @@ def test_same_seed_gives_bit_identical_results(tiny_data, model):
 def test_fit_leaves_threads_and_determinism_settings_as_it_found_them(tiny_data):
     def settings():
         return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory)
+                torch.utils.deterministic.fill_uninitialized_memory,
+                torch.backends.cuda.flash_sdp_enabled())  # attention kernels are left alone on a CPU
 
     before = settings()
     torch.set_num_threads(2)  # conftest runs tests on one thread: start from another count than fit's
@@ -120,11 +121,11 @@ def test_fit_leaves_threads_and_determinism_settings_as_it_found_them(tiny_data)
     torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         seen = []
-        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False,
+        fit(run(), tiny_data, seed=0, threads=1, evaluate_test=False, device="cpu",
             callback=lambda epoch, metrics: seen.append(settings()))
         # fit did change them while it ran: deterministic kernels, without NaN-filling each new tensor
-        assert seen[0] == (1, True, False)
-        assert settings() == (2, False, True)
+        assert seen[0] == (1, True, False, True)
+        assert settings() == (2, False, True, True)
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
@@ -253,9 +254,9 @@ def test_bf16_where_it_is_not_native_warns_once_and_trains_in_fp32_exactly(tiny_
     assert resolve_precision("fp32", torch.device("cpu"), supported=True) == "fp32"
     if training.bf16_supported(torch.device("cpu")):
         pytest.skip("this CPU has native bf16: the fallback cannot happen here")
-    fp32 = fit(run(epochs=2), tiny_data, seed=0, evaluate_test=False)
+    fp32 = fit(run(epochs=2), tiny_data, seed=0, evaluate_test=False, device="cpu")
     with pytest.warns(RuntimeWarning, match="no native bf16") as caught:
-        asked = fit(run(epochs=2, precision="bf16"), tiny_data, seed=0, evaluate_test=False)
+        asked = fit(run(epochs=2, precision="bf16"), tiny_data, seed=0, evaluate_test=False, device="cpu")
     assert len(caught) == 1 and asked.precision == "fp32"
     assert comparable(asked.history) == comparable(fp32.history)        # the fp32 run, bit for bit
 
