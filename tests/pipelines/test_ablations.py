@@ -317,15 +317,17 @@ def test_precision_is_plumbed_into_every_run_and_its_fallback_recorded(tmp_path,
     import torch as _torch
 
     from msa.training import bf16_supported, device_name
+    from pipelines.devices import resolve_here
     from pipelines.executor import threads_per_worker
 
     spec = _write_spec(tmp_path, "  baseline: {}\n", extra="base:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\n")
     argv = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1", "--precision", "bf16"]
     assert main(argv) == 0
     run = _children(MlflowClient(store), "unit")[0]
-    native = bf16_supported(_torch.device("cpu"))
-    # What the run's last digits depend on beyond its identity: this CPU, and one worker's threads.
-    assert run.data.tags["device_name"] == device_name(_torch.device("cpu")) != ""
+    device = _torch.device(resolve_here("auto"))   # the GPU where there is one, else this CPU
+    native = bf16_supported(device)
+    # What the run's last digits depend on beyond its identity: this CPU or GPU, and one worker's threads.
+    assert run.data.tags["device_name"] == device_name(device) != ""
     assert run.data.tags["torch_threads"] == str(threads_per_worker(1))
     # Part of the run's identity: the precision it trains in (fp32, the default, is not written out).
     assert run.data.params.get("train.precision", "fp32") == run.data.tags["precision_used"] == (
@@ -340,7 +342,7 @@ def test_bf16_where_it_is_not_native_is_an_fp32_run_never_reused_as_bf16(tmp_pat
     from msa import training
 
     spec = _write_spec(tmp_path, "  baseline: {}\n", extra="base:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\n")
-    fp32 = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]
+    fp32 = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1", "--device", "cpu"]
     bf16 = [*fp32, "--precision", "bf16"]
     runs = lambda: sorted((r.data.params.get("train.precision", "fp32"), r.data.tags["precision_used"],
                            r.data.tags.get("precision_requested", "-")) for r in _children(MlflowClient(store), "unit"))

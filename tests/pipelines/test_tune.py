@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from msa.training import device_name
 from pipelines import tune
+from pipelines.devices import resolve_here
 from pipelines.run import main
 from pipelines.spec import SpecError
 from pipelines.tuning import confirm
@@ -86,7 +87,8 @@ def _study(tuned):
     return optuna.load_study(study_name="unit-quick", storage=tune.open_storage(str(tuned["storage"])))
 
 
-CPU_NAME = device_name(torch.device("cpu"))
+# The CPU's model, or the GPU's name where trials train on one (--device auto)
+DEVICE_NAME = device_name(torch.device(resolve_here("auto")))
 
 
 def test_trials_are_nested_under_one_parent_per_session_and_tagged(tuned):
@@ -107,7 +109,7 @@ def test_trials_are_nested_under_one_parent_per_session_and_tagged(tuned):
         assert t.info.run_name == f"trial-{t.data.tags['optuna_trial']}"
         assert t.data.tags["optuna_state"] == "COMPLETE" and t.data.tags["optuna_study"] == "unit-quick"
         assert "ablation" not in t.data.tags           # trials are not suite runs
-        assert t.data.tags["device_name"] == CPU_NAME and int(t.data.tags["torch_threads"]) >= 1
+        assert t.data.tags["device_name"] == DEVICE_NAME and int(t.data.tags["torch_threads"]) >= 1
         assert t.data.params["model.hidden"] in ("8", "16") and t.data.params["train.epochs"] == "1"
         for key in ("val_Corr", "val_MAE", "val_loss", "train_loss"):
             assert [m.step for m in tuned["client"].get_metric_history(t.info.run_id, key)] == [1], key
