@@ -43,13 +43,20 @@ def main(argv: list[str] | None = None) -> int:
             env |= {"MSA_PROGRESS": "0", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
             cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--device", args.device, "--gpu-slots", str(k),
                    *(["--quick"] if args.quick else [])]
-            start = time.monotonic()
-            done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+            start, lines = time.monotonic(), []
+            # The suite's own progress lines pass through as they come (prefixed with K), so a run cut
+            # short still shows how far it got and at what pace.
+            with subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) as child:
+                for line in child.stdout:
+                    lines.append(line)
+                    if line.startswith("["):
+                        print(f"K={k:>2} {time.monotonic() - start:7.1f} s  {line}", end="", flush=True)
             wall = time.monotonic() - start
-        if done.returncode != 0:
-            print(f"K={k}: the suite failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+        if child.returncode != 0:
+            print(f"K={k}: the suite failed (exit {child.returncode}):\n{''.join(lines)[-3000:]}", file=sys.stderr)
             return 1
-        trained = int(re.search(r"^(\d+) trained", done.stdout, re.MULTILINE).group(1))
+        trained = int(re.search(r"^(\d+) trained", "".join(lines), re.MULTILINE).group(1))
         print(f"K={k:>2}  {trained} runs  wall {wall:8.1f} s  {3600 * trained / wall:7.1f} runs/hour", flush=True)
     return 0
 
