@@ -52,7 +52,7 @@ def _ablations(args: argparse.Namespace) -> int:
 
     engine = engine_from_args(args)  # then: a device or cluster that cannot be had writes nothing
     _check_outputs(REPORTS / spec.experiment)
-    data = prepare(args.data or spec.data, quick=args.quick)
+    data = prepare(spec.data if args.data is None else args.data, quick=args.quick)  # --data '' is a mistake
     extra = {}
     # Optuna (and the tuning package) only where a study can be found: its journal exists.
     if (not args.only or TUNED in args.only) and tracking.study_journal().is_file():

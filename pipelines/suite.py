@@ -98,7 +98,7 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
     meanwhile is waited for, not trained twice; one whose claim died is trained here."""
     stream = stream or sys.stderr
     engine = engine or Engine.from_env()
-    source = data_source or spec.data
+    source = spec.data if data_source is None else data_source  # --data "" is a mistake, not "unset"
     for name, override in (extra_ablations or {}).items():
         spec = spec.with_ablation(name, override)
     data = data if data is not None else prepare(source, quick=quick)

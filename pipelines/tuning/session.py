@@ -123,7 +123,7 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     suite_spec = resolve_spec(spec.ablations, only=None, seeds=None, epochs=epochs, quick=quick)
-    source = data_source or suite_spec.data
+    source = suite_spec.data if data_source is None else data_source  # --data '' is a mistake, not 'unset'
     data = data if data is not None else prepare(source, quick=quick)
     print(data.summary().splitlines()[0], file=stream, flush=True)
     setup = TrialSetup.from_specs(spec, suite_spec, device=engine.device)

@@ -100,9 +100,14 @@ def test_a_data_file_without_read_permission_is_one_line(tmp_path, capsys):
                                        "by this user)\n")
 
 
-def test_an_empty_data_source_is_one_line(capsys):
-    assert main(["prepare", "--data", ""]) == 2
+@pytest.mark.parametrize("pipeline", ["prepare", "ablations", "tune"])
+def test_an_empty_data_source_is_one_line(tmp_path, monkeypatch, capsys, pipeline):
+    """`--data "$MOSI"` with the variable unset is a mistake: never the synthetic default instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main([pipeline, "--data", "", *(["--quick"] if pipeline != "prepare" else [])]) == 2
     assert capsys.readouterr().err == "error: the data source is empty (expected a MOSI pickle path or 'synthetic')\n"
+    assert list(tmp_path.iterdir()) == []                       # nothing written
 
 
 def test_an_unwritable_cache_still_prepares_with_one_warning(tmp_path, monkeypatch, capsys):
