@@ -83,7 +83,10 @@ def point_latest(report_dir: Path, parent: Run) -> Path:
         f"A copy of {report_dir.name}/ (suite run {parent.info.run_id}), the newest suite's report.\n"
         f"Every suite keeps its own folder beside this one; `python -m pipelines.run compare --suite "
         f"{report_dir.name}` rebuilds it.\n", encoding="utf-8")
-    shutil.rmtree(latest, ignore_errors=True)
+    if latest.is_symlink() or latest.is_file():  # someone's link or file in its place: ours to replace
+        latest.unlink()
+    else:
+        shutil.rmtree(latest, ignore_errors=True)
     os.replace(fresh, latest)
     return latest
 

@@ -1,5 +1,7 @@
 """The compare stage's entry for a suite that just ran: a comparison, or the reason there is none."""
 
+import shutil
+
 import numpy as np
 
 from pipelines import tracking
@@ -71,3 +73,19 @@ def test_runs_still_running_are_left_out_and_counted(store, tmp_path, suite_reco
     client.set_terminated(elsewhere.run_id, "FINISHED")
     comparison, _ = compare_suite("stage-compare", exp_id, pid)
     assert comparison.n_running == 0 and len(comparison.runs) == 4
+
+
+def test_a_link_or_file_where_latest_goes_is_replaced_by_the_copy(store, tmp_path, suite_recorder):
+    client, exp_id = tracking.setup("stage-compare")
+    pid = _suite(suite_recorder(client, exp_id), {"baseline": 1.0, "text_only": 0.5})
+    reports = tmp_path / "reports" / "stage-compare"
+    reports.mkdir(parents=True)
+    for make in (lambda p: p.symlink_to(tmp_path), lambda p: p.write_text("not a folder")):
+        make(reports / "latest")
+        comparison, reason = compare_suite("stage-compare", exp_id, pid)
+        assert reason is None
+        latest = reports / "latest"
+        assert latest.is_dir() and not latest.is_symlink()
+        assert (latest / "report.html").read_bytes() == comparison.paths["report.html"].read_bytes()
+        assert not list(reports.glob(".latest-*"))                          # no half-built copy left behind
+        shutil.rmtree(latest)
