@@ -33,6 +33,8 @@ def make_pruner(pruner: Mapping[str, Any], steps: int) -> optuna.pruners.BasePru
     multi-fidelity pruners count their resource in the steps the objective reports: one per epoch."""
     kwargs = {k: v for k, v in pruner.items() if k != "type"}
     kind = pruner.get("type", "median")
+    if kind in ("hyperband", "successive_halving"):
+        _check_halving(kwargs)
     if kind == "median":
         return optuna.pruners.MedianPruner(**kwargs)
     if kind == "hyperband":
@@ -45,3 +47,16 @@ def make_pruner(pruner: Mapping[str, Any], steps: int) -> optuna.pruners.BasePru
         return optuna.pruners.NopPruner(**kwargs)
     raise ValueError(f"pruner type must be one of {list(PRUNERS)}, got {kind!r}")
 
+
+
+def _check_halving(kwargs: Mapping[str, Any]) -> None:
+    """What Optuna's halving pruners take without checking and then fail on in every trial (a
+    reduction_factor of 1 divides by zero in each trial's pruning decision)."""
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if "reduction_factor" in kwargs and not (integer(kwargs["reduction_factor"]) and kwargs["reduction_factor"] >= 2):
+        raise ValueError(f"reduction_factor must be an integer >= 2, got {kwargs['reduction_factor']!r}")
+    if "min_resource" in kwargs and not (kwargs["min_resource"] == "auto"
+                                         or (integer(kwargs["min_resource"]) and kwargs["min_resource"] >= 1)):
+        raise ValueError(f"min_resource must be 'auto' or an integer >= 1, got {kwargs['min_resource']!r}")

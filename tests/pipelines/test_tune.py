@@ -474,6 +474,10 @@ def test_the_spec_pruners_build_and_bad_ones_are_refused(tmp_path):
     hyperband = tune.load_tune_spec(_tune_spec(tmp_path, pruner="{type: hyperband, reduction_factor: 3}"))
     assert isinstance(tune.make_pruner(hyperband.pruner, steps=4), optuna.pruners.HyperbandPruner)
     for pruner, message in [("{type: successive_halving, min_resource: 0}", r"'sampler' or 'pruner'"),
+                            # accepted by Optuna, then a ZeroDivisionError in every trial: refused at load
+                            ("{type: hyperband, reduction_factor: 1}", r"reduction_factor must be an integer >= 2"),
+                            ("{type: successive_halving, reduction_factor: 1.5}", r"reduction_factor must be"),
+                            ("{type: hyperband, min_resource: 0}", r"min_resource must be 'auto' or an integer"),
                             ("{type: halving}", r"pruner type must be one of \['median', 'hyperband', "
                                                 r"'successive_halving'")]:
         with pytest.raises(SpecError, match=message):
