@@ -127,7 +127,8 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
           seeds: Iterable[int], *, select_key: str, higher: bool, data_digest: str, synthetic: bool,
           suite_label: str) -> tuple[Champion | None, str]:
     """Register the suite's best ablation (by mean validation `select_key`) and give it the alias
-    `champion` unless the current champion, chosen on the same data and metric, scores better.
+    `champion` unless a version registered earlier on the same data and metric scores at least as
+    well: that one then holds the alias, or takes it back from another data set's champion.
     Returns (the champion, one line for the summary); (None, why not) when nothing could be registered."""
     found, left_out = candidates(client, rows, seeds, select_key, higher)
     best = choose(found)
@@ -143,11 +144,18 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
 
     _ensure_registered_model(client, experiment, experiment_id)
     current = _current(client, experiment)
-    if current is not None and _model_of(current) != model_id and _keeps_title(current, best, select_key, data_digest):
-        tags = current.tags
-        kept = Champion(experiment, str(current.version), tags["ablation"], int(tags["seed"]), current.run_id,
+    # The title on this data goes to the best version ever registered on it, not merely the present
+    # holder: that may be another data set's, and a worse suite must not take it back from there.
+    rival = _best_on(client, experiment, data_digest, select_key, best.higher)
+    if rival is not None and _model_of(rival) != model_id and not is_better(
+            best.mean, float(rival.tags["validation_mean"]), higher=best.higher):
+        moved = current is None or str(current.version) != str(rival.version)
+        if moved:
+            client.set_registered_model_alias(experiment, CHAMPION, rival.version)
+        tags = rival.tags
+        kept = Champion(experiment, str(rival.version), tags["ablation"], int(tags["seed"]), rival.run_id,
                         select_key, float(tags["validation_mean"]), float(tags["validation_std"]),
-                        int(tags["validation_n"]), moved=False)
+                        int(tags["validation_n"]), moved=moved)
         return kept, kept.line() + skipped
     version = _version_of(client, experiment, model_id)
     tags = {"ablation": best.ablation, "seed": str(seed), "data_digest": data_digest,
@@ -170,16 +178,21 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
     return champion, champion.line() + skipped
 
 
-def _keeps_title(current, best: Candidate, key: str, data_digest: str) -> bool:
-    """Whether the current champion stays: same data and metric, and at least as good a validation mean."""
-    tags = current.tags
-    if tags.get("data_digest") != data_digest or tags.get("validation_metric") != key:
-        return False
-    try:
-        mean = float(tags["validation_mean"])
-    except (KeyError, ValueError):
-        return False
-    return not is_better(best.mean, mean, higher=best.higher)
+def _best_on(client: MlflowClient, name: str, data_digest: str, key: str, higher: bool):
+    """The registered version with the best validation mean of `key` on this data, or None."""
+    best, best_mean = None, None
+    for v in client.search_model_versions(f"name = '{name}'", max_results=1000):
+        tags = v.tags
+        if tags.get("data_digest") != data_digest or tags.get("validation_metric") != key:
+            continue
+        try:
+            mean = float(tags["validation_mean"])
+            tags["ablation"], int(tags["seed"]), float(tags["validation_std"]), int(tags["validation_n"])
+        except (KeyError, ValueError):
+            continue
+        if is_better(mean, best_mean, higher=higher):
+            best, best_mean = v, mean
+    return best
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, experiment_id: str) -> None:

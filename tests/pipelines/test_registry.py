@@ -126,6 +126,21 @@ def test_other_data_takes_the_title_and_incomplete_ablations_are_left_out(regist
     assert version.tags["data_digest"] == "other-digest"
 
 
+def test_back_on_the_first_data_a_worse_suite_gives_the_title_to_that_datas_best(registered):
+    """After another data set's suite took the alias, a worse suite on the first data does not take it:
+    the alias goes back to the best version ever registered on that data."""
+    client, exp_id, recorder, data = (registered[k] for k in ("client", "exp_id", "recorder", "data"))
+    assert client.get_model_version_by_alias(EXPERIMENT, "champion").tags["data_digest"] == "other-digest"
+    pid, rows = _suite(recorder, data, {"baseline": DESIGN["baseline"]})
+    champion, line = _crown(client, exp_id, pid, rows, data.digest, label="suite-d")
+    assert champion.moved and (champion.ablation, champion.version) == ("improved_tuned", "2")
+    assert champion.mean == pytest.approx(0.68)
+    assert str(client.get_model_version_by_alias(EXPERIMENT, "champion").version) == "2"
+    assert "version 2, improved_tuned/seed-2" in line
+    kept, line = _crown(client, exp_id, pid, rows, data.digest, label="suite-d")   # and then stays there
+    assert not kept.moved and kept.version == "2" and "champion unchanged" in line
+
+
 def test_no_validation_scores_no_champion(store, suite_recorder):
     client, exp_id = tracking.setup("no-val")
     recorder = suite_recorder(client, exp_id)
