@@ -6,6 +6,7 @@ The default store is `./mlruns/mlflow.db` (SQLite) with artifacts in `./mlruns/a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -114,15 +115,23 @@ def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
         import urllib.error
         import urllib.request
 
+        # MLflow's REST API answers this with JSON: the experiment, or an error code if there is no
+        # 'Default'. Another web server (a wrong port) answers with a page; one that asks for
+        # credentials (401/403) is left to MLflow's client, which sends the user's.
+        probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=probe_seconds):
-                pass
-        except urllib.error.HTTPError:
-            pass  # it answers; a server without /health (a proxy, an older MLflow) is still a server
+            with urllib.request.urlopen(probe, timeout=probe_seconds) as answer:
+                status, body = answer.status, answer.read(65536)
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read(65536)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise StoreError(f"tracking server {uri}: does not answer ({reason}); start it, or set "
                              "MLFLOW_TRACKING_URI to a reachable store") from None
+        if status not in (401, 403) and not _is_mlflow_answer(body):
+            raise StoreError(f"tracking server {uri}: answers, but not as an MLflow server (HTTP {status} to "
+                             f"{probe.removeprefix(uri.rstrip('/'))}); check the address and port in "
+                             "MLFLOW_TRACKING_URI") from None
         return uri
     try:  # a database URI (postgresql://, mysql://): MLflow opens it directly
         MlflowClient(uri).search_experiments(max_results=1)
@@ -130,6 +139,14 @@ def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StoreError(f"tracking store {without_password(uri)}: cannot be used ({first})") from None
     return uri
+
+
+def _is_mlflow_answer(body: bytes) -> bool:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and ("experiment" in answer or "error_code" in answer)
 
 
 def without_password(uri: str) -> str:

@@ -130,6 +130,33 @@ def test_a_mistake_is_one_line_exit_2_and_nothing_is_written(name, make, words, 
     assert after == before, "a file was created or modified"
 
 
+def test_a_web_server_that_is_not_mlflow_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """A wrong port in MLFLOW_TRACKING_URI that some other web server answers: told before any data is
+    loaded, not a traceback with the other server's HTML page after it."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the server's request log would land in the stderr checked below
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+        for argv in (["compare"], ["ablations", "--quick"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "answers, but not as an MLflow server (HTTP 404" in err, err
+            assert "synthetic" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_help_still_exits_0(capsys):
     assert main(["ablations", "--help"]) == 0
     assert "--seeds" in capsys.readouterr().out
