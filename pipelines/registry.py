@@ -12,7 +12,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -146,16 +146,13 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
     current = _current(client, experiment)
     # The title on this data goes to the best version ever registered on it, not merely the present
     # holder: that may be another data set's, and a worse suite must not take it back from there.
-    rival = _best_on(client, experiment, data_digest, select_key, best.higher)
-    if rival is not None and _model_of(rival) != model_id and not is_better(
-            best.mean, float(rival.tags["validation_mean"]), higher=best.higher):
-        moved = current is None or str(current.version) != str(rival.version)
+    rival, recorded = _best_on(client, experiment, data_digest, select_key, best.higher)
+    if rival is not None and _model_of(rival) != model_id and not is_better(best.mean, recorded.mean,
+                                                                             higher=best.higher):
+        moved = current is None or str(current.version) != recorded.version
         if moved:
-            client.set_registered_model_alias(experiment, CHAMPION, rival.version)
-        tags = rival.tags
-        kept = Champion(experiment, str(rival.version), tags["ablation"], int(tags["seed"]), rival.run_id,
-                        select_key, float(tags["validation_mean"]), float(tags["validation_std"]),
-                        int(tags["validation_n"]), moved=moved)
+            client.set_registered_model_alias(experiment, CHAMPION, recorded.version)
+        kept = replace(recorded, moved=moved)
         return kept, kept.line() + skipped
     version = _version_of(client, experiment, model_id)
     tags = {"ablation": best.ablation, "seed": str(seed), "data_digest": data_digest,
@@ -179,20 +176,22 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
 
 
 def _best_on(client: MlflowClient, name: str, data_digest: str, key: str, higher: bool):
-    """The registered version with the best validation mean of `key` on this data, or None."""
-    best, best_mean = None, None
+    """The registered version with the best validation mean of `key` on this data, and what its tags
+    record (as a Champion); (None, None) when there is none."""
+    best, recorded = None, None
     for v in client.search_model_versions(f"name = '{name}'", max_results=1000):
         tags = v.tags
         if tags.get("data_digest") != data_digest or tags.get("validation_metric") != key:
             continue
         try:
-            mean = float(tags["validation_mean"])
-            tags["ablation"], int(tags["seed"]), float(tags["validation_std"]), int(tags["validation_n"])
-        except (KeyError, ValueError):
+            this = Champion(name, str(v.version), tags["ablation"], int(tags["seed"]), v.run_id, key,
+                            float(tags["validation_mean"]), float(tags["validation_std"]),
+                            int(tags["validation_n"]), moved=False)
+        except (KeyError, ValueError):  # a version registered by hand, without our tags
             continue
-        if is_better(mean, best_mean, higher=higher):
-            best, best_mean = v, mean
-    return best
+        if is_better(this.mean, recorded.mean if recorded else None, higher=higher):
+            best, recorded = v, this
+    return best, recorded
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, experiment_id: str) -> None:
