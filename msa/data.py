@@ -83,7 +83,7 @@ class MOSIData:
     splits: dict[str, Split]
     source: str                              # the file path, or a description of the generator
     layout: str                              # multibench | mult | mmsa | synthetic
-    synthetic: bool
+    synthetic: bool                          # generated, not recorded: never a MOSI result
     cleaned: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> modality -> values set to 0
     _digest: str | None = field(default=None, repr=False)
 
@@ -242,6 +242,9 @@ def from_raw(raw: Any, source: str, *, synthetic: bool = False, partial: bool = 
         splits[name], cleaned[name] = split, counts
         layout = layout or split_layout
     _check_dims_agree(splits, source)
+    # Noise-free expected labels exist only where a generator made the data: a file holding them (the
+    # synthetic set written out, or its cache) is synthetic, whatever path it was read from.
+    synthetic = synthetic or any(s.oracle is not None for s in splits.values())
     return MOSIData(splits=splits, source=source, layout=layout or "multibench",
                     synthetic=synthetic, cleaned=cleaned)
 

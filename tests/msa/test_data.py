@@ -114,6 +114,7 @@ def test_synthetic_written_as_multibench_pickle_round_trips(tmp_path):
     assert real_path.digest == direct.digest
     assert real_path.cleaned == direct.cleaned
     assert real_path.has_oracle
+    assert real_path.synthetic, "a file holding the generator's noise-free labels is synthetic data"
 
 
 def test_digest_changes_with_content(tmp_path):

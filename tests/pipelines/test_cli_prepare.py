@@ -20,6 +20,7 @@ def test_prepare_summarises_a_multibench_file(tmp_path, capsys):
     assert "train 12, valid 6, test 8" in out
     assert "vision (T=10, D=35), text (T=10, D=300), audio (T=10, D=74)" in out
     assert "non-finite values set to 0 (audio" in out
+    assert "[multibench layout, SYNTHETIC MOSI-like data (not a MOSI result)]" in out   # it holds 'oracle' labels
 
 
 def test_prepare_bad_file_is_one_line_and_exit_2(tmp_path):
