@@ -209,10 +209,13 @@ _RUNNING: dict[str, set[int]] = {}         # call -> ids of the threads running 
 
 
 def dask_setup(worker) -> None:
-    """Preload of LocalCluster workers: Ctrl-C reaches this machine's whole process group; the caller
-    alone handles it, and stops the jobs itself (a worker killed by it would leave its run RUNNING)."""
+    """Preload of LocalCluster workers: Ctrl-C, and SIGTERM sent to the whole process group (`timeout`,
+    `kill -- -PGID`, a batch scheduler's cancel), reach these workers too; the caller alone handles
+    them and stops the jobs itself (a worker killed by one would leave its run RUNNING). The workers
+    still end with the caller: their nanny stops them with SIGKILL, and they exit when it dies."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @cache

@@ -274,13 +274,16 @@ def test_a_registered_encoder_runs_in_a_suite(tmp_path, store, monkeypatch):
     assert "test_Corr" in runs["mean_encoder"].data.metrics
 
 
-@pytest.mark.parametrize("workers, seeds", [(1, ["7"]), (2, ["7", "8", "9"])])
-def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path, store, workers, seeds):
+# SIGTERM to the command alone (`kill PID`), and to its whole process group with its worker processes
+# (`timeout`, `kill -- -PGID`, a batch scheduler's cancel).
+@pytest.mark.parametrize("workers, seeds, group", [(1, ["7"], False), (2, ["7", "8", "9"], True)])
+def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path, store, workers, seeds, group):
     spec = _write_spec(tmp_path, "  baseline: {}\n")
     cmd = [sys.executable, "-m", "pipelines.run", "ablations", "--spec", str(spec), "--quick",
            "--workers", str(workers), "--epochs", "12", "--seeds", *seeds]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     client = MlflowClient(store)
     deadline = time.monotonic() + 120
     running = None
@@ -292,7 +295,10 @@ def test_interrupted_runs_are_killed_then_completed_without_duplicates(tmp_path,
             if runs and client.get_metric_history(runs[0].info.run_id, "val_loss"):
                 running = runs[0]
     assert running is not None, proc.communicate(timeout=60)
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
