@@ -4,7 +4,9 @@ A run claims itself: before training, a worker creates its RUNNING run carrying 
 `heartbeat` tag (unix time), which a thread refreshes while the run works. Another suite that finds
 a live claim on the key does not train it. A claim whose heartbeat is older than the grace period
 (`MSA_CLAIM_GRACE_S`, default 120 s, and never under three of its writer's beats) is stale: its process
-died; it is marked KILLED with the reason in `killed_reason`, and the run is redone. Two claims made
+died; it is marked KILLED with the reason in `killed_reason`, and the run is redone. A claim made on
+this very machine (same boot, same PID namespace: the `claim_process` tag) is judged at once instead:
+stale as soon as its process is gone (killed with SIGKILL, out of memory), whatever its last beat. Two claims made
 at once are settled by their order (start time, then run id): the later one is deleted, having
 trained nothing. Suite parents and tune sessions beat too, so that the next command on their
 experiment marks a dead one KILLED. Clocks of the machines must agree to well within the grace period.
@@ -32,6 +34,8 @@ BEAT_EVERY = "heartbeat_every_s"   # tag: its writer's interval between beats
 CLAIMED_BY = "claimed_by"          # tag: host:pid of the process that holds the claim
 CLAIM_JOB = "claim_job"            # tag: the executor's job key (the same for a retry of the job)
 KILLED_REASON = "killed_reason"    # tag: why a claim was marked KILLED by another process
+CLAIM_PROCESS = "claim_process"    # tag: <boot id>/<pid namespace>/<pid>/<start time>: which process,
+                                   # where a process on the same machine can tell whether it still runs
 
 
 def grace_seconds() -> float:
@@ -54,7 +58,46 @@ def beat_every(grace: float) -> float:
 def claim_tags(grace: float | None = None) -> dict[str, str]:
     """The tags that make a new RUNNING run a claim (or a beating parent run)."""
     return {HEARTBEAT: f"{time.time():.3f}", BEAT_EVERY: f"{beat_every(grace or grace_seconds()):g}",
-            CLAIMED_BY: f"{socket.gethostname()}:{os.getpid()}", CLAIM_JOB: current_job_key() or ""}
+            CLAIMED_BY: f"{socket.gethostname()}:{os.getpid()}", CLAIM_JOB: current_job_key() or "",
+            CLAIM_PROCESS: _process_identity(os.getpid())}
+
+
+def _machine() -> str | None:
+    """This kernel's boot and this PID namespace, where /proc tells them (Linux), else None. Two processes
+    with the same answer see the same PIDs: one can ask whether the other still runs."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}" if boot and "/" not in boot else None
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process `pid`, or None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()   # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return None
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def _process_identity(pid: int) -> str:
+    machine, stat = _machine(), _stat(pid)
+    return f"{machine}/{pid}/{stat[1]}" if machine and stat else ""
+
+
+def process_gone(run: Run) -> bool:
+    """True when the claim's process ran on this machine (same boot, same PID namespace) and has ended:
+    no such PID, a PID reused by a later process, or a zombie. False when it runs or cannot be told
+    from here (another machine or container, no /proc, a claim made before this tag existed)."""
+    boot, namespace, pid, started = (run.data.tags.get(CLAIM_PROCESS, "").split("/") + [""] * 4)[:4]
+    if not (pid.isdigit() and started) or f"{boot}/{namespace}" != _machine():
+        return False
+    stat = _stat(int(pid))
+    return stat is None or stat[1] != started or stat[0] in ("Z", "X")
 
 
 class ClaimLost(KeyboardInterrupt):
@@ -89,9 +132,18 @@ def staleness(run: Run, grace: float, now: float | None = None) -> float | None:
     return age if age > max(grace, 3 * every) else None
 
 
+def why_stale(run: Run, grace: float, now: float | None = None) -> str | None:
+    """Why a claim's process is taken to be dead (the `killed_reason`), or None while it may be alive."""
+    who = run.data.tags.get(CLAIMED_BY)
+    if process_gone(run):
+        return f"its process ({who}) has ended without recording the run"
+    age = staleness(run, grace, now)
+    return None if age is None else f"no heartbeat for {age:.0f} s (grace {grace:g} s): its process ({who}) died"
+
+
 def is_live(run: Run, grace: float | None = None) -> bool:
     """A RUNNING claim whose process still beats: another command is working on it now."""
-    return is_claim(run) and staleness(run, grace or grace_seconds()) is None
+    return is_claim(run) and why_stale(run, grace or grace_seconds()) is None
 
 
 def mark_killed(client: MlflowClient, run_id: str, reason: str) -> None:
@@ -117,13 +169,12 @@ def _settle_stale(client: MlflowClient, runs: list[Run], grace: float, mine: str
             continue
         if not is_claim(run):
             continue
-        age = staleness(run, grace, now)
+        reason = why_stale(run, grace, now)
         if job and run.data.tags.get(CLAIM_JOB) == job:
             mark_killed(client, run.info.run_id, f"its worker ({run.data.tags.get(CLAIMED_BY)}) died; "
                                                  "the run was started again")
-        elif age is not None:
-            mark_killed(client, run.info.run_id, f"no heartbeat for {age:.0f} s (grace {grace:g} s): "
-                                                 f"its process ({run.data.tags.get(CLAIMED_BY)}) died")
+        elif reason is not None:
+            mark_killed(client, run.info.run_id, reason)
         else:
             live.append(run)
     return live
@@ -161,10 +212,9 @@ def kill_stale(client: MlflowClient, experiment_id: str, grace: float | None = N
                                  max_results=1000)
     now, n = time.time(), 0
     for run in filter(is_claim, running):
-        age = staleness(run, grace, now)
-        if age is not None:
-            mark_killed(client, run.info.run_id, f"no heartbeat for {age:.0f} s (grace {grace:g} s): "
-                                                 f"its process ({run.data.tags.get(CLAIMED_BY)}) died")
+        reason = why_stale(run, grace, now)
+        if reason is not None:
+            mark_killed(client, run.info.run_id, reason)
             n += 1
     return n
 
@@ -227,5 +277,6 @@ class Heartbeat:
         return f"the run is {taken.describe()}" if taken else None
 
 
-__all__ = ["GRACE_ENV", "DEFAULT_GRACE_S", "HEARTBEAT", "KILLED_REASON", "ClaimLost", "Taken", "Heartbeat",
-           "grace_seconds", "claim_tags", "is_live", "find_taken", "settle", "kill_stale", "wait_for", "mark_killed"]
+__all__ = ["GRACE_ENV", "DEFAULT_GRACE_S", "HEARTBEAT", "KILLED_REASON", "CLAIM_PROCESS", "ClaimLost", "Taken",
+           "Heartbeat", "grace_seconds", "claim_tags", "is_live", "process_gone", "why_stale", "find_taken", "settle",
+           "kill_stale", "wait_for", "mark_killed"]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Run, RunData, RunInfo, RunTag
 from mlflow.tracking import MlflowClient
 
 from msa.config import RunConfig
@@ -60,6 +61,44 @@ def test_a_live_claim_is_left_alone_and_a_stale_one_is_killed_with_the_reason(ex
     dead = client.get_run(live)
     assert dead.info.status == RunStatus.KILLED
     assert "no heartbeat for 600 s (grace 60 s)" in dead.data.tags[claims.KILLED_REASON]
+
+
+def test_a_claim_whose_process_ended_on_this_machine_is_stale_at_once_whatever_its_heartbeat(exp):
+    client, exp_id = exp
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    tags = {**claims.claim_tags(grace=60), "run_key": KEY}
+    tags[claims.CLAIM_PROCESS] = claims._process_identity(child.pid)
+    tags[claims.CLAIMED_BY] = f"here:{child.pid}"
+    if not tags[claims.CLAIM_PROCESS]:
+        child.kill()
+        pytest.skip("no /proc here: a claim's process cannot be looked up, only its heartbeat tells")
+    run_id = client.create_run(exp_id, tags=tags).info.run_id
+    assert claims.find_taken(client, exp_id, KEY, grace=60).run.info.run_id == run_id   # it runs: live
+    child.kill()
+    child.wait()
+    assert claims.process_gone(client.get_run(run_id))
+    assert claims.find_taken(client, exp_id, KEY, grace=60) is None                    # beat 0 s ago, yet dead
+    dead = client.get_run(run_id)
+    assert dead.info.status == RunStatus.KILLED
+    assert dead.data.tags[claims.KILLED_REASON] == f"its process (here:{child.pid}) has ended without recording the run"
+
+
+def _claimed_by(identity: str):
+    return Run(RunInfo("r", "0", "u", RunStatus.RUNNING, 0, None, "active"),
+               RunData(tags=[RunTag(claims.CLAIM_PROCESS, identity)]))
+
+
+def test_only_a_claim_made_on_this_machine_is_looked_up_and_a_reused_pid_is_not_its_process():
+    mine = claims._process_identity(os.getpid())
+    if not mine:
+        pytest.skip("no /proc here: a claim's process cannot be looked up, only its heartbeat tells")
+    boot, namespace, pid, started = mine.split("/")
+    assert not claims.process_gone(_claimed_by(mine))                                    # this process runs
+    assert claims.process_gone(_claimed_by(f"{boot}/{namespace}/{pid}/{int(started) + 1}"))   # a later one
+    assert not claims.process_gone(_claimed_by(f"another-boot/{namespace}/999999999/1"))      # elsewhere
+    assert not claims.process_gone(_claimed_by(f"{boot}/another-namespace/999999999/1"))      # a container
+    assert not claims.process_gone(_claimed_by(""))                                      # an older claim
+    assert not claims.process_gone(_claimed_by("garbage"))
 
 
 def test_a_finished_run_is_taken(exp):
@@ -122,13 +161,14 @@ def test_a_worker_with_other_data_fails_the_run_saying_so(exp, tiny_data):
 
 
 def test_a_suite_killed_with_sigkill_is_marked_killed_and_redone_by_the_next(tmp_path, store, monkeypatch):
-    """The suite process dies (SIGKILL: no handler runs); the next suite, past the grace period, marks
-    its run KILLED with the reason, and trains the run again."""
+    """The suite process dies (SIGKILL: no handler runs); the next suite, on the same machine, sees at once
+    that the claim's process has ended (no wait for the grace period), marks its run KILLED with the
+    reason, and trains the run again."""
     spec = tmp_path / "spec.yaml"
     spec.write_text("experiment: unit\nseeds: [7]\nbase:\n  model: {hidden: 8, ff_dim: 16, modalities: [text]}\n"
                     "ablations:\n  baseline: {}\n")
     args = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "4"]
-    monkeypatch.setenv(claims.GRACE_ENV, "2")
+    monkeypatch.delenv(claims.GRACE_ENV, raising=False)                            # 120 s
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], env=os.environ, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(store)
@@ -143,14 +183,16 @@ def test_a_suite_killed_with_sigkill_is_marked_killed_and_redone_by_the_next(tmp
     proc.communicate(timeout=30)
     assert running is not None
     assert client.get_run(running.info.run_id).info.status == RunStatus.RUNNING    # left behind
-    time.sleep(2.5)                                                                # past the grace period
 
+    start = time.monotonic()
     assert main(args) == 0
+    assert time.monotonic() - start < 60                                           # no wait for its grace
     exp_id = client.get_experiment_by_name("unit").experiment_id
     runs = client.search_runs([exp_id])
     assert RunStatus.RUNNING not in {r.info.status for r in runs}
     dead = client.get_run(running.info.run_id)
-    assert dead.info.status == RunStatus.KILLED and "no heartbeat" in dead.data.tags[claims.KILLED_REASON]
+    assert dead.info.status == RunStatus.KILLED
+    assert dead.data.tags[claims.KILLED_REASON].endswith(f":{proc.pid}) has ended without recording the run")
     # The same suite again: it resumes the parent the dead one left RUNNING (marked KILLED on the way),
     # and leaves it FINISHED, without the reason of a kill that no longer describes it.
     parent = client.get_run(running.data.tags["mlflow.parentRunId"])
