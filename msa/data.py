@@ -11,7 +11,9 @@ What a file must hold, checked at load so that a bad file fails here, in one lin
 - feature values finite (NaN and +-inf are set to 0 and counted, as every known loader does), or at
   most MAX_ABS_FEATURE in size: larger ones are refused, since their float32 squares (LayerNorm's
   variance, Adam's moments) overflow and a run would silently zero the modality or train to NaN;
-- ids (optional) strings, byte strings (decoded) or integers (written as decimals), one row per sample.
+- ids (optional) strings, byte strings (decoded) or integers (written as decimals), one row per sample;
+- valid and test with at least two different labels: runs are selected and compared by correlation,
+  which a single sample or constant labels leave undefined (every run would end with NaN).
 
 A file to predict on (`load(path, partial=True)`) may hold any of the three splits, and no labels: its
 labels are then NaN and `Split.has_labels` is False.
@@ -242,6 +244,8 @@ def from_raw(raw: Any, source: str, *, synthetic: bool = False, partial: bool = 
         splits[name], cleaned[name] = split, counts
         layout = layout or split_layout
     _check_dims_agree(splits, source)
+    if not partial:
+        _check_scoreable(splits, source)
     # Noise-free expected labels exist only where a generator made the data: a file holding them (the
     # synthetic set written out, or its cache) is synthetic, whatever path it was read from.
     synthetic = synthetic or any(s.oracle is not None for s in splits.values())
@@ -373,6 +377,19 @@ def _text(x: Any) -> str:
 def _short(x: Any, width: int = 40) -> str:
     text = " ".join(repr(x).split())
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_scoreable(splits: Mapping[str, Split], source: str) -> None:
+    """Valid and test must have two different labels at least: a correlation with them is defined."""
+    for name in ("valid", "test"):
+        labels = splits[name].labels
+        if labels.numel() < 2:
+            raise DataError(f"{source}: split '{name}' has 1 sample (expected at least 2 with different "
+                            "sentiment scores: runs are selected and compared by correlation on it)")
+        if bool((labels == labels[0]).all()):
+            raise DataError(f"{source}: split '{name}': all {labels.numel()} labels are {float(labels[0]):g} "
+                            "(expected at least 2 different sentiment scores: the correlation that runs are "
+                            "selected and compared by is undefined on constant labels)")
 
 
 def _check_dims_agree(splits: Mapping[str, Split], source: str) -> None:

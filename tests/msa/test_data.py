@@ -232,7 +232,21 @@ BAD_FILES = [
     ("a NaN oracle", _set("train", "oracle", np.array([0, np.nan, 0, 0])),
      r"'oracle' has a non-finite value at index 1"),
     ("oracle strings", _set("train", "oracle", np.array(["x"] * 4)), r"'oracle' must hold real numbers"),
+    ("constant validation labels", _set("valid", "labels", np.full(4, 1.5)),
+     r"split 'valid': all 4 labels are 1.5 \(expected at least 2 different sentiment scores: the correlation"),
+    ("constant test labels", _set("test", "labels", np.zeros((4, 1))), r"split 'test': all 4 labels are 0 "),
+    ("one test sample", lambda r: r.update(test={k: v[:1] for k, v in r["test"].items()}),
+     r"split 'test' has 1 sample \(expected at least 2 with different sentiment scores"),
 ]
+
+
+def test_constant_or_single_labels_are_fine_in_train_and_in_a_file_to_predict_on(tmp_path):
+    rng = np.random.default_rng(9)
+    raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
+    raw["train"] = {k: v[:1] for k, v in raw["train"].items()}
+    assert load(_write(tmp_path, raw, "one-train.pkl")).sizes["train"] == 1
+    raw["test"]["labels"] = np.zeros(4)
+    assert load(_write(tmp_path, raw, "predict.pkl"), partial=True).sizes["test"] == 4
 
 
 @pytest.mark.parametrize("mutate, message", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
