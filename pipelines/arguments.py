@@ -40,4 +40,15 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-__all__ = ["positive_int", "seed_value", "positive_seconds"]
+def name_value(text: str) -> str:
+    """A name that becomes part of file names (a study's `<name>.best.yaml`): the specs' rule for names."""
+    from pipelines.spec import SpecError, check_name
+
+    try:
+        return check_name(text, "", "")
+    except SpecError:
+        raise argparse.ArgumentTypeError(f"must be a name of letters, digits, '_', '.' or '-' (not starting "
+                                         f"with a symbol), got {text!r}") from None
+
+
+__all__ = ["positive_int", "seed_value", "positive_seconds", "name_value"]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipelines.arguments import positive_int, positive_seconds, seed_value
+from pipelines.arguments import name_value, positive_int, positive_seconds, seed_value
 from pipelines.engine_options import add_engine_options, engine_from_args
 from pipelines.errors import UserError, check_writable_dir
 
@@ -228,7 +228,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", metavar="URL|PATH",
                    help="Optuna storage: a URL (postgresql://... for several machines) or a journal file "
                         "(default: mlruns/optuna/journal.log)")
-    p.add_argument("--study", metavar="NAME", help="study name (default: the spec's, with -quick for --quick)")
+    p.add_argument("--study", type=name_value, metavar="NAME",
+                   help="study name (default: the spec's, with -quick for --quick)")
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the ablations spec's)")
     p.add_argument("--epochs", type=positive_int, metavar="N",
                    help="epochs per trial and per final run (default: the ablations spec's)")

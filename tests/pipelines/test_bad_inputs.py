@@ -70,6 +70,8 @@ CASES = [
     ("zero workers", lambda t: (["ablations", "--quick", "--workers", "0"], {}), "must be at least 1"),
     ("zero epochs", lambda t: (["ablations", "--quick", "--epochs", "0"], {}), "must be at least 1"),
     ("negative timeout", lambda t: (["tune", "--quick", "--timeout", "-5"], {}), "positive number of seconds"),
+    ("study name that is a path", lambda t: (["tune", "--quick", "--study", "../elsewhere"], {}),
+     "argument --study: must be a name of letters, digits"),
     ("study storage is a folder", lambda t: (["tune", "--quick", "--storage", str(t)], {}), "is a folder"),
     ("study storage is not a journal",
      lambda t: (["tune", "--quick", "--storage", _garbage(t / "junk.log")], {}), "is not an Optuna journal file"),
