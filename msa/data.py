@@ -168,8 +168,19 @@ _ALLOWED_GLOBALS = {
 _ALLOWED_PREFIXES = ("numpy.dtypes",)  # numpy 2 dtype classes, e.g. numpy.dtypes.Float32DType
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as pickle protocols 0-2 use it, to write bytes (an array's buffer) as text:
+    with latin-1 only, so that a file cannot reach any other codec."""
+    if encoding.replace("_", "-").lower() not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError(f"refused to load '_codecs.encode' with encoding {encoding!r} (pickle "
+                                     "protocols 0-2 write bytes as latin-1 text; nothing else is allowed)")
+    return text.encode("latin-1", errors)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):  # the bytes of arrays pickled with protocol 0, 1 or 2
+            return _latin1_encode
         if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_PREFIXES):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load '{module}.{name}' (only numpy arrays and plain "

@@ -117,6 +117,24 @@ def test_synthetic_written_as_multibench_pickle_round_trips(tmp_path):
     assert real_path.synthetic, "a file holding the generator's noise-free labels is synthetic data"
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_every_pickle_protocol_reads_the_same(tmp_path, protocol):
+    """Protocols 0-2 (older tools, Python 2 compatible dumps) write an array's bytes through
+    `_codecs.encode`: allowed with latin-1 alone."""
+    rng = np.random.default_rng(4)
+    raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
+    path = tmp_path / f"p{protocol}.pkl"
+    path.write_bytes(pickle.dumps(raw, protocol=protocol))
+    assert load(path).digest == load(_write(tmp_path, raw, "default.pkl")).digest
+
+
+def test_a_pickle_that_asks_codecs_for_another_encoding_is_refused(tmp_path):
+    path = tmp_path / "codec.pkl"
+    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")
+    with pytest.raises(DataError, match=r"refused to load '_codecs.encode' with encoding 'rot13'"):
+        load(path)
+
+
 def test_digest_changes_with_content(tmp_path):
     rng = np.random.default_rng(3)
     raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
