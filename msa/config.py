@@ -34,8 +34,8 @@ def _int_range(lo: int, hi: float = math.inf) -> tuple[Callable[[Any], bool], st
 
 def _float_range(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False):
     def ok(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            return False
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False  # no field is infinite: 'inf' in a range's text means unbounded
         return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
     lo_txt, hi_txt = f"{'(' if lo_open else '['}{lo:g}", "inf" if hi == math.inf else f"{hi:g}"
     return ok, f"a float in the range {lo_txt}, {hi_txt}{')' if hi_open or hi == math.inf else ']'}"

@@ -1,10 +1,11 @@
 """Configs: a config's identity (hash, run keys, logged params) survives fields added after runs were recorded."""
 
 import dataclasses
+import math
 
 import pytest
 
-from msa.config import ConfigError, ModelConfig, RunConfig
+from msa.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 
 # The lab's ablations as pipelines/specs/ablations.yaml writes them, and their hashes before any field
 # was added: runs recorded under these hashes must still be found.
@@ -65,6 +66,13 @@ def test_new_fields_are_validated_with_the_one_message_template(key, value, mess
     with pytest.raises(ConfigError) as e:
         ModelConfig(**{key: value})
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "grad_clip", "huber_delta"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_a_float_field_is_never_infinite_or_nan(key, value):
+    with pytest.raises(ConfigError, match=f"The '{key}' parameter of TrainConfig must be (None or )?a float in"):
+        TrainConfig(**{key: value})
 
 
 def test_components_declare_what_they_require_of_the_config():
