@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 import tempfile
 import time
@@ -34,6 +36,33 @@ from pipelines.tuning.storage import StorageSettings, open_storage, storage_labe
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
+class _QuietInterrupts(logging.Filter):
+    """Drops Optuna's report of a trial stopped by Ctrl-C or SIGTERM (a warning with the interrupt's
+    traceback, then "failed with value None"): the trial's own line already says "interrupted", and
+    the command ends with one line. Other failures keep Optuna's report, traceback and all."""
+
+    _TRIAL = re.compile(r"Trial (\d+) failed")
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trial = self._TRIAL.match(record.getMessage())
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            if trial:
+                self.interrupted.add(trial.group(1))
+            return False
+        return not (trial and trial.group(1) in self.interrupted)
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna reports a failed trial
+    if not any(isinstance(f, _QuietInterrupts) for f in logger.filters):
+        logger.addFilter(_QuietInterrupts())
+
+
 @dataclass(frozen=True)
 class WorkerJob:
     """One worker's share of a session; picklable, so it runs the same in a spawned process."""
@@ -56,7 +85,7 @@ def optimize(job: WorkerJob, data: MOSIData, threads: int | None, emit: Emit) ->
     the target, so without this the re-queued one would wait forever and the study would stall).
     Counting and starting a trial is one step under the study's claim lock, so that workers finishing
     together never start more than `target` trials between them."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
     started = time.monotonic()
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings),
                               sampler=make_sampler(job.spec.sampler, job.sampler_seed),
@@ -120,7 +149,7 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
     `data`, when given, is used in this process instead of loading `data_source` (workers load it)."""
     stream = stream or sys.stderr
     engine = engine or Engine.from_env()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
     started = time.monotonic()
     suite_spec = resolve_spec(spec.ablations, only=None, seeds=None, epochs=epochs, quick=quick)
     source = suite_spec.data if data_source is None else data_source  # --data '' is a mistake, not 'unset'

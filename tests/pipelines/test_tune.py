@@ -500,3 +500,39 @@ def test_a_failed_retraining_is_no_candidate_and_is_tried_again(tmp_path, store,
     assert failed.info.status == "FAILED" and "out of memory" in failed.data.tags["error"]
     again = tune.run_study(spec, quick=True, trials=1)
     assert again.choice.candidates == 1 and list(again.choice.seed_values) == [7, 8]
+
+
+def test_an_interrupted_trial_is_not_reported_by_optuna_with_a_traceback_but_other_failures_are():
+    """Ctrl-C in `tune`: the trial's own line says "interrupted" and the command ends with one line;
+    Optuna's warning with the KeyboardInterrupt's traceback would come between them."""
+    import logging
+
+    from pipelines.tuning.session import _quiet_optuna
+
+    _quiet_optuna()
+    _quiet_optuna()                                    # once per process, however often a session starts
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(handler)
+    try:
+        study = optuna.create_study()
+
+        def broken(trial):
+            raise ValueError("a bug")
+
+        study.optimize(broken, n_trials=1, catch=(Exception,))
+        failed = [r.getMessage() for r in seen]
+        assert any(m.startswith("Trial 0 failed with parameters") for m in failed), failed
+        seen.clear()
+
+        def interrupted(trial):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(interrupted, n_trials=1, catch=(Exception,))
+        assert [r.getMessage() for r in seen] == []
+        assert study.trials[1].state == TrialState.FAIL
+    finally:
+        optuna_logger.removeHandler(handler)
