@@ -160,8 +160,7 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
     target = trials or (spec.quick_trials if quick else spec.trials)
     study = _open_study(spec, storage, name, setup, data)
     n_before = len(study.trials)
-    for start, values in spec.start_from:  # once per study: a trial with these values is never queued again
-        study.enqueue_trial(values, user_attrs={"start_from": start}, skip_if_exists=True)
+    _queue_start_points(study, spec, target, stream)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # so the count below and the report are honest
@@ -216,6 +215,20 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
             session = _finish_session(spec, storage, study, n_before, client, experiment, experiment_id, parent_id,
                                       data, suite_spec, started)
     return session
+
+
+def _queue_start_points(study: optuna.Study, spec: TuneSpec, target: int, stream: TextIO) -> None:
+    """Queue the spec's start points the study has not run yet, once each, as far as `target` leaves
+    room: `--trials 1` runs one trial, and a later session with more trials queues the rest."""
+    had = {t.user_attrs.get("start_from") for t in study.get_trials(deepcopy=False)}
+    pending = [(start, values) for start, values in spec.start_from if start not in had]
+    room = max(0, target - len(study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.WAITING))))
+    for start, values in pending[:room]:
+        study.enqueue_trial(values, user_attrs={"start_from": start}, skip_if_exists=True)
+    if pending[room:]:
+        names = ", ".join(repr(start) for start, _ in pending[room:])
+        print(f"note: start_from {names} not queued: {target} trial(s) leave no room for it; a session with "
+              "more --trials starts from it", file=stream, flush=True)
 
 
 def _open_study(spec: TuneSpec, storage: str | None, name: str, setup: TrialSetup, data: MOSIData) -> optuna.Study:

@@ -1,5 +1,6 @@
 """The tune pipeline: trials searched on validation only, pruned, resumable, shared, tracked, and compared."""
 
+import io
 import json
 import os
 import threading
@@ -322,8 +323,12 @@ def test_a_study_starts_from_the_named_ablations_once(tmp_path, store):
     assert improved == {"model.hidden": 16, "model.heads": 2, "model.dropout": 0.1, "train.loss": "huber",
                         "train.huber_delta": 1.0, "train.lr": 1.0e-3}
     assert baseline["train.loss"] == "mse" and "train.huber_delta" not in baseline   # `when` is honoured
-    tune.run_study(spec, quick=True, trials=2)
-    tune.run_study(spec, quick=True, trials=3)          # continuing does not queue them again
+    said = io.StringIO()
+    tune.run_study(spec, quick=True, trials=1, stream=said)   # one trial asked for: one trial run
+    assert "note: start_from 'baseline' not queued: 1 trial(s) leave no room for it" in said.getvalue()
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.user_attrs.get("start_from") for t in study.trials] == ["improved"]
+    tune.run_study(spec, quick=True, trials=3)          # the rest now, and the queued one never again
     study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
     assert [t.user_attrs.get("start_from") for t in study.trials] == ["improved", "baseline", None]
     assert study.trials[0].params == improved and study.trials[1].params == baseline
