@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from pipelines.stages.train import RunOutcome
 
 
+def brief(text: str, width: int) -> str:
+    """`text`'s first line in at most `width` characters, cut at a word with '...' when longer (the
+    summary after the suite says the whole of it)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= width:
+        return line
+    cut = line[:width - 4].rsplit(" ", 1)[0] if " " in line[:width - 4] else line[:width - 4]
+    return cut.rstrip(" ,;:") + " ..."
+
+
 def fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -84,7 +94,7 @@ class SuiteProgress:
             detail = (f"test Corr {m['Corr']:.3f}  MAE {m['MAE']:.3f}  Acc-2 {m['Has0_acc_2']:.3f}  "
                       f"best epoch {outcome.best_epoch}")
         else:
-            detail = f"{outcome.status}: {outcome.error or ''}"[:120]
+            detail = brief(f"{outcome.status}: {outcome.error or ''}", 120)
         self.write(f"[{self.done_runs:>{len(str(self.total_runs))}}/{self.total_runs}] {name:<30} {detail}  "
                    f"{fmt_duration(outcome.seconds)}  suite ETA {fmt_duration(self.eta())}")
 

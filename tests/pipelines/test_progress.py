@@ -4,7 +4,7 @@ import io
 
 from pytest import approx
 
-from pipelines.progress import SuiteProgress
+from pipelines.progress import SuiteProgress, brief
 from pipelines.stages.train import RunOutcome
 
 
@@ -58,3 +58,14 @@ def test_late_and_unknown_events_are_not_counted():
     _epochs(p, "a", 1, 1)                              # an epoch event that arrives after its run ended
     _epochs(p, "zzz", 7, 3)                            # and one from a run this suite does not plan
     assert p.done_epochs == 2 and p.done_cost == approx(2.0) and p.total_cost == approx(6.0)
+
+
+def test_a_long_error_is_cut_at_a_word_on_the_run_line():
+    out = io.StringIO()
+    p = SuiteProgress({("a", 1): (2, 1.0)}, out, clock=Clock())
+    error = "ValueError: " + " ".join(["somewhat-long-words"] * 12) + "\nsecond line"
+    p.on_done(RunOutcome("a", 1, "FAILED", "r", 1.0, None, 0, error))
+    line = out.getvalue().splitlines()[0]
+    assert "FAILED: ValueError: somewhat-long-words somewhat-long-words" in line
+    assert "somewhat-long-words ...  1s" in line and "second line" not in line
+    assert brief("short", 120) == "short" and brief("x" * 200, 10) == "xxxxxx ..."
