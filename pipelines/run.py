@@ -132,8 +132,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                                    "reports/<experiment>/latest/), also logged on the suite's run.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
     p.add_argument("--suite", metavar="RUN_ID|LABEL",
-                   help="the suite's parent run id, or its label (its folder under reports/<experiment>/; "
-                        "default: the latest suite)")
+                   help="the suite's parent run id (or its first digits), or its label (its folder under "
+                        "reports/<experiment>/; default: the latest suite)")
     p.add_argument("--spec", metavar="FILE", help="spec whose experiment is the default (default: ablations.yaml)")
     p.set_defaults(func=_compare)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -59,7 +60,8 @@ def open_experiment(name: str | None, *, suite_run_id: str | None = None,
 
 
 def _run_or_error(client: MlflowClient, run_id: str, uri: str) -> Run:
-    """A run by id, or the suite run whose label (its reports folder's name) is `run_id`."""
+    """A run by id, or the suite run whose label (its reports folder's name) is `run_id`, or the one
+    suite run whose id starts with it (4 hex digits at least, as the labels show the first 8)."""
     try:
         return client.get_run(run_id)
     except MlflowException:
@@ -67,12 +69,19 @@ def _run_or_error(client: MlflowClient, run_id: str, uri: str) -> Run:
     ids = [e.experiment_id for e in client.search_experiments()]
     if ids and "'" not in run_id:
         found = client.search_runs(ids, filter_string=f"tags.{LABEL_TAG} = '{run_id}'", max_results=1)
-        # A suite recorded before labels existed is known by the label its reports folder got.
-        found = found or [r for r in client.search_runs(ids, filter_string="tags.suite LIKE '%'", max_results=1000)
-                          if label_of(r) == run_id]
         if found:
             return found[0]
-    raise CompareError(f"no run '{run_id}' in {uri}, and no suite labelled so")
+        suites = client.search_runs(ids, filter_string="tags.suite LIKE '%'", max_results=1000)
+        # A suite recorded before labels existed is known by the label its reports folder got.
+        found = [r for r in suites if label_of(r) == run_id]
+        if not found and re.fullmatch(r"[0-9a-f]{4,31}", run_id):
+            found = [r for r in suites if r.info.run_id.startswith(run_id)]
+            if len(found) > 1:
+                raise CompareError(f"'{run_id}' starts the ids of {len(found)} suite runs "
+                                   f"({', '.join(r.info.run_id for r in found[:3])}); give more of the id")
+        if found:
+            return found[0]
+    raise CompareError(f"no run '{run_id}' in {uri}, and no suite labelled so or whose id starts so")
 
 
 def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | None = None) -> tuple[Run, list[dict]]:

@@ -225,6 +225,9 @@ def test_each_suite_keeps_its_reports_and_compare_suite_rebuilds_any(in_store, s
     (first / "report.html").unlink()
     assert main(["compare", "--suite", first.name]) == 0                     # by label, as the folder is named
     assert (first / "report.html").is_file() and str(first / "report.html") in capsys.readouterr().out
+    (first / "report.html").unlink()
+    assert main(["compare", "--suite", in_store["parent"][:8]]) == 0         # by the start of its id
+    assert (first / "report.html").is_file() and str(first / "report.html") in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(in_store, capsys, tmp_path, monkeypatch):
