@@ -48,12 +48,16 @@ class _QuietInterrupts(logging.Filter):
         self.interrupted: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        trial = self._TRIAL.match(record.getMessage())
+        message = record.getMessage()
+        trial = self._TRIAL.match(message)
         if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
             if trial:
                 self.interrupted.add(trial.group(1))
             return False
-        return not (trial and trial.group(1) in self.interrupted)
+        if trial and trial.group(1) in self.interrupted and "failed with value" in message:
+            self.interrupted.discard(trial.group(1))  # its last line: a later trial of that number is reported
+            return False
+        return True
 
 
 def _quiet_optuna() -> None:

@@ -539,5 +539,10 @@ def test_an_interrupted_trial_is_not_reported_by_optuna_with_a_traceback_but_oth
             study.optimize(interrupted, n_trials=1, catch=(Exception,))
         assert [r.getMessage() for r in seen] == []
         assert study.trials[1].state == TrialState.FAIL
+        again = optuna.create_study()                     # another study's trial 0, failing for a reason
+        with pytest.raises(KeyboardInterrupt):
+            again.optimize(interrupted, n_trials=1)
+        again.optimize(broken, n_trials=1, catch=(Exception,))
+        assert [r.getMessage().split(" with ")[0] for r in seen] == ["Trial 1 failed", "Trial 1 failed"]
     finally:
         optuna_logger.removeHandler(handler)
