@@ -158,7 +158,8 @@ def _predict(args: argparse.Namespace) -> int:
     for note in done.notes:
         print(note)
     for split, metrics in done.metrics.items():
-        print(f"{split} ({len(data[split])} samples): "
+        n = len(data[split])
+        print(f"{split} ({n} sample{'' if n == 1 else 's'}): "
               + "  ".join(f"{m} {metrics[m]:.4f}" for m in METRIC_NAMES if m in metrics) + synthetic)
     if not done.metrics:
         print("no labels in the file: predictions only")
@@ -166,7 +167,8 @@ def _predict(args: argparse.Namespace) -> int:
         done.table.to_csv(out, index=False)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
-    print(f"Wrote {len(done.table)} predictions ({', '.join(done.table.columns)}) to {out}{synthetic}")
+    n = len(done.table)
+    print(f"Wrote {n} prediction{'' if n == 1 else 's'} ({', '.join(done.table.columns)}) to {out}{synthetic}")
     return 0
 
 

@@ -10,7 +10,9 @@ you. The data file, in contrast, is read with the restricted unpickler of `msa.d
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,21 +132,29 @@ def predict_data(model_uri: str, data: MOSIData, split: str = "test", batch_size
     except (MlflowException, OSError, ModuleNotFoundError) as e:
         raise PredictError(f"--model {model_uri}: cannot load it ({str(e).splitlines()[0]})") from None
 
-    frames, metrics = [], {}
+    frames, metrics, undefined = [], {}, []
     for name in names:
         part = data[name]
         pred = predict(model, part, batch_size=batch_size)
         frame = pd.DataFrame({"id": part.ids, "split": name, "prediction": pred})
         if part.has_labels:
             frame["label"] = part.labels.numpy()
-            metrics[name] = eval_mosi_regression(pred, part.labels)
+            with warnings.catch_warnings():  # said once, in the notes, in words a user reads
+                warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
+                metrics[name] = eval_mosi_regression(pred, part.labels)
+            if math.isnan(metrics[name]["Corr"]):
+                undefined.append(name)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     if split != "all":
         table = table.drop(columns="split")
     if "label" in table and table["label"].isna().any():  # some splits labelled, some not
         table["label"] = table["label"].astype(object).where(table["label"].notna(), "")
-    return Predictions(table, metrics, described, _notes(client, run_id, data, names))
+    notes = _notes(client, run_id, data, names)
+    if undefined:
+        notes.append(f"note: Corr is undefined (nan) on {' and '.join(undefined)}: its labels or the model's "
+                     "predictions are all the same value")
+    return Predictions(table, metrics, described, notes)
 
 
 def _notes(client: MlflowClient, run_id: str | None, data: MOSIData, splits: list[str]) -> list[str]:

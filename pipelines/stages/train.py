@@ -178,12 +178,15 @@ def _train_evaluate_log(client: MlflowClient, run_id: str, task: RunTask, data: 
                       "seconds": metrics.get("epoch_seconds")})
 
     try:
-        with warnings.catch_warnings():  # the command said it once; each run records it as precision_used
+        with warnings.catch_warnings():
+            # The command said it once; each run records it as precision_used.
             warnings.filterwarnings("ignore", message="bf16 was asked for", category=RuntimeWarning)
+            # A diverged model's constant predictions: `non_finite` below fails the run saying so.
+            warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
             result = fit(cfg, data, seed=task.seed, callback=on_epoch, threads=threads, evaluate_test=False,
                          device=task.device)
-        model = result.model.cpu().eval()
-        test_metrics, predictions = evaluate(model, data["test"], cfg.train.eval_batch_size)
+            model = result.model.cpu().eval()
+            test_metrics, predictions = evaluate(model, data["test"], cfg.train.eval_batch_size)
         problem = non_finite(result, test_metrics, cfg.train.select_key)
         if problem:  # FAILED with the reason: never counted as trained, reused as cached, nor compared
             raise NonFiniteRun(problem)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
@@ -25,12 +26,18 @@ def _children(client, experiment="unit"):
 
 def test_a_run_that_trains_to_nan_is_failed_never_cached_nor_compared(tmp_path, store, capsys):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(TINY + "  baseline: {}\n  diverges:\n    train: {lr: 1.0e+30}\n")
+    spec.write_text(TINY + "  baseline: {}\n  diverges:\n    train: {lr: 1.0e+30}\n"
+                    "  saturates:\n    train: {lr: 1.0e+6}\n")             # constant predictions: no Corr
     argv = ["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]
-    assert main(argv) == 1
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        assert main(argv) == 1
+    # Its reason is in the run's line; no Python warning about the NaN Corr beside it.
+    assert [str(w.message) for w in raised if "Corr is undefined" in str(w.message)] == []
     out = capsys.readouterr().out
     assert "FAILED: diverges/seed-7: NonFiniteRun: train_loss is nan at the selected epoch 1" in out
-    assert "1 trained, 0 cached, 1 failed" in out
+    assert "FAILED: saturates/seed-7: NonFiniteRun: " in out
+    assert "1 trained, 0 cached, 2 failed" in out
     runs = {r.data.tags["ablation"]: r for r in _children(MlflowClient(store))}
     assert runs["diverges"].info.status == "FAILED"
     assert runs["diverges"].data.tags["error"].startswith("NonFiniteRun: train_loss is nan")

@@ -1,6 +1,7 @@
 """`predict`: a logged or registered model applied to a file; dims checked, labels optional, every URI form."""
 
 import os
+import warnings
 
 import mlflow
 import numpy as np
@@ -165,3 +166,17 @@ def test_synthetic_data_is_labelled_so_in_every_result(at, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("valid", "Wrote"))]
     assert len(lines) == 2 and all("SYNTHETIC" in line for line in lines)
     assert torch.isfinite(torch.tensor(pd.read_csv(out)["prediction"].to_numpy())).all()
+
+
+def test_constant_labels_give_a_note_not_a_python_warning(at, capsys):
+    raw = _raw(at["data"], splits=("test",))
+    raw["test"] = {k: v[:1] for k, v in raw["test"].items()}                 # one sample: Corr undefined
+    write_pickle(raw, at["tmp"] / "one.pkl")
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "one.pkl",
+                     "--out", str(at["tmp"] / "one.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "test (1 sample): " in out and "Corr nan" in out
+    assert "note: Corr is undefined (nan) on test: its labels or the model's predictions are all the same" in out
+    assert [str(w.message) for w in raised if "Corr" in str(w.message)] == []   # no Python warning line
