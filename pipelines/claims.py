@@ -113,6 +113,10 @@ class Taken:
 
     def describe(self) -> str:
         if self.finished:
+            tags = self.run.data.tags  # the same run key: the same config, data and seed, under any name
+            if "ablation" in tags and "seed" in tags:
+                return (f"finished already as {tags['ablation']}/seed-{tags['seed']} (run {self.run.info.run_id}: "
+                        "the same config, data and seed)")
             return f"finished elsewhere (run {self.run.info.run_id})"
         return (f"running elsewhere: claimed by {self.run.data.tags.get(CLAIMED_BY, '?')} "
                 f"(run {self.run.info.run_id})")

@@ -107,6 +107,11 @@ def test_a_finished_run_is_taken(exp):
     client.set_terminated(run_id, RunStatus.FINISHED)
     taken = claims.find_taken(client, exp_id, KEY)
     assert taken.finished and taken.run.info.run_id == run_id
+    assert taken.describe() == f"finished elsewhere (run {run_id})"
+    client.set_tag(run_id, "ablation", "a")                 # another ablation of the same config, say
+    client.set_tag(run_id, "seed", "7")
+    assert claims.find_taken(client, exp_id, KEY).describe() == (
+        f"finished already as a/seed-7 (run {run_id}: the same config, data and seed)")
 
 
 def test_the_grace_period_comes_from_the_environment(monkeypatch):
