@@ -7,7 +7,8 @@ What a file must hold, checked at load so that a bad file fails here, in one lin
 - features (N, T, D) with N, T, D >= 1, and labels (N,), (N, 1) or (N, 1, 1), as float or int arrays
   (ints are converted to float32, as float64 and float16 are); bool, complex, string and object arrays
   are refused;
-- labels finite and in the annotators' range [-3, 3];
+- labels finite and in the annotators' range [-3, 3]; a split holding both `labels` and
+  `regression_labels` must hold the same scores in both;
 - feature values finite (NaN and +-inf are set to 0 and counted, as every known loader does), or at
   most MAX_ABS_FEATURE in size: larger ones are refused, since their float32 squares (LayerNorm's
   variance, Adam's moments) overflow and a run would silently zero the modality or train to NaN;
@@ -282,6 +283,13 @@ def _read_split(d: Any, name: str, source: str, *, labels_optional: bool = False
         labels = np.full(first.shape[0] if first.ndim else 0, np.nan, dtype=np.float32)
     else:
         labels = _scores(d[label_key], where, label_key)
+        for other in (k for k in LABEL_KEYS if k != label_key and k in d):  # two label keys must agree
+            others = _scores(d[other], where, other)
+            if others.shape != labels.shape or not np.allclose(others, labels, atol=1e-6):
+                raise DataError(f"{where} holds both '{label_key}' and '{other}', which disagree ("
+                                + (f"first at index {int(np.argmax(~np.isclose(others, labels, atol=1e-6)))}"
+                                   if others.shape == labels.shape else f"{others.shape[0]} against {labels.shape[0]} "
+                                   "values") + "): expected one of them, or the same scores in both")
     n = labels.shape[0]
     if n == 0:
         raise DataError(f"{where} is empty (0 samples)")

@@ -250,12 +250,24 @@ BAD_FILES = [
     ("a NaN oracle", _set("train", "oracle", np.array([0, np.nan, 0, 0])),
      r"'oracle' has a non-finite value at index 1"),
     ("oracle strings", _set("train", "oracle", np.array(["x"] * 4)), r"'oracle' must hold real numbers"),
+    ("two label keys that disagree", lambda r: r["train"].update(regression_labels=np.array([0.4, 0, 0, 0])),
+     r"split 'train' holds both 'labels' and 'regression_labels', which disagree \(first at index \d\): expected"),
+    ("two label keys of other lengths", lambda r: r["valid"].update(regression_labels=np.zeros(3)),
+     r"split 'valid' holds both .* \(3 against 4 values\)"),
     ("constant validation labels", _set("valid", "labels", np.full(4, 1.5)),
      r"split 'valid': all 4 labels are 1.5 \(expected at least 2 different sentiment scores: the correlation"),
     ("constant test labels", _set("test", "labels", np.zeros((4, 1))), r"split 'test': all 4 labels are 0 "),
     ("one test sample", lambda r: r.update(test={k: v[:1] for k, v in r["test"].items()}),
      r"split 'test' has 1 sample \(expected at least 2 with different sentiment scores"),
 ]
+
+
+def test_two_label_keys_that_agree_are_read(tmp_path):
+    rng = np.random.default_rng(10)
+    raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
+    raw["train"]["regression_labels"] = raw["train"]["labels"].reshape(-1).astype(np.float64)
+    data = load(_write(tmp_path, raw))
+    np.testing.assert_allclose(data["train"].labels.numpy(), raw["train"]["labels"].reshape(-1))
 
 
 def test_constant_or_single_labels_are_fine_in_train_and_in_a_file_to_predict_on(tmp_path):
