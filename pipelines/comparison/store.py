@@ -85,8 +85,8 @@ def _run_or_error(client: MlflowClient, run_id: str, uri: str) -> Run:
 
 
 def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | None = None) -> tuple[Run, list[dict]]:
-    """The suite's parent run and its suite.json rows: the given suite, else the newest one that has
-    finished (or cached) runs."""
+    """The suite's parent run and its suite.json rows: the given suite, else the one that ran last
+    (running now, or the last to end: a suite run again counts from then) and has finished (or cached) runs."""
     experiment = client.get_experiment(experiment_id).name
     if suite_run_id:
         run = _run_or_error(client, suite_run_id, client.tracking_uri)
@@ -101,19 +101,29 @@ def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | Non
         return run, rows
     # A full `ablations` suite first: a `tune` suite holds only the tuned model and its references.
     for suite_filter in ("tags.suite = 'ablations'", "tags.suite LIKE '%'"):
-        token = None
-        while True:
-            page = client.search_runs([experiment_id], filter_string=suite_filter,
-                                      order_by=["attributes.start_time DESC"], max_results=100, page_token=token)
-            for run in page:
-                rows = _suite_rows(client, run.info.run_id)
-                if rows and any(_usable(r) for r in rows):
-                    return run, rows
-            token = page.token
-            if not token:
-                break
+        for run in sorted(_all_runs(client, experiment_id, suite_filter), key=_last_active, reverse=True):
+            rows = _suite_rows(client, run.info.run_id)
+            if rows and any(_usable(r) for r in rows):
+                return run, rows
     raise CompareError(f"experiment '{experiment}' has no suite with finished runs to compare; "
                        "run `python -m pipelines.run ablations` first")
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _last_active(run: Run) -> tuple[float, float]:
+    """When a suite last ran: now while it runs, else when it last ended. A suite run again (resumed)
+    counts from then, as `ablations` counts it when it makes that suite's report `latest`."""
+    ended = math.inf if run.info.status == RunStatus.RUNNING else (run.info.end_time or run.info.start_time or 0)
+    return ended, run.info.start_time or 0
 
 
 def _usable(row: dict) -> bool:

@@ -258,3 +258,25 @@ def test_report_renders_in_a_real_browser(made, browser, tmp_path):
     browser.screenshot(tmp_path / "report.png", full_page=True)
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert browser.drain() == []                                                     # nothing failed late either
+
+
+def test_compare_alone_takes_the_suite_that_ran_last_as_ablations_makes_it_latest(store, suite_recorder):
+    """Suite A, then suite B, then A run again (resumed: its parent RUNNING, then FINISHED anew): A is
+    the newest, as `ablations` made its report `latest`, though B started later."""
+    from pipelines.comparison import store as comparison_store
+
+    client, exp_id = tracking.setup("unit-latest")
+    recorder = suite_recorder(client, exp_id)
+    labels = _labels()
+    parents = {}
+    for name in ("a", "b"):
+        pid = recorder.parent(["baseline"], [1], tags={"suite_label": name})
+        recorder.finish(pid, [recorder.child(pid, "baseline", 1, labels, labels)])
+        parents[name] = pid
+        time.sleep(0.01)
+    assert comparison_store.find_suite(client, exp_id)[0].info.run_id == parents["b"]
+    client.update_run(parents["a"], "RUNNING")                               # resumed ...
+    assert comparison_store.find_suite(client, exp_id)[0].info.run_id == parents["a"]   # running now
+    time.sleep(0.01)
+    client.set_terminated(parents["a"], "FINISHED")                           # ... and finished again
+    assert comparison_store.find_suite(client, exp_id)[0].info.run_id == parents["a"]
