@@ -112,6 +112,8 @@ def _compare(args: argparse.Namespace) -> int:
     from pipelines.stages import compare as stage
 
     _check_outputs(REPORTS)
+    if args.suite == stage.LATEST:  # the folder reports/<experiment>/latest: the suite that ran last, as alone
+        args.suite = None
     try:
         client, experiment_id = stage.open_experiment(args.experiment, suite_run_id=args.suite, spec_path=args.spec)
         # A named suite's report is rebuilt in its own folder; only the newest suite's becomes `latest`.
@@ -144,6 +146,8 @@ def _predict(args: argparse.Namespace) -> int:
     from pipelines.stages import predict as stage
     from pipelines.stages.prepare import prepare
 
+    if not args.out.strip():
+        raise UserError("--out is empty: give the CSV file to write (default: predictions.csv)")
     out = Path(args.out)
     if not out.parent.is_dir() or out.is_dir():
         raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")

@@ -10,6 +10,7 @@ from pipelines.comparison.bootstrap import (
     resampled_metrics,
 )
 from pipelines.comparison.build import (
+    LATEST,
     REPORT_FILES,
     compare,
     default_report_dir,
@@ -38,6 +39,7 @@ __all__ = [
     "CURVE_KEYS",
     "DISPLAY_ORDER",
     "KEY_METRICS",
+    "LATEST",
     "ORACLE",
     "REPORT_FILES",
     "SYNTHETIC_BANNER",

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.comparison import (
+    LATEST,
     CompareError,
     Comparison,
     compare,
@@ -34,5 +35,5 @@ def compare_suite(experiment: str, experiment_id: str, suite_run_id: str) -> tup
         return None, f"no comparison: {e}"
 
 
-__all__ = ["CompareError", "Comparison", "compare", "compare_suite", "default_report_dir", "format_table",
-           "open_experiment"]
+__all__ = ["LATEST", "CompareError", "Comparison", "compare", "compare_suite", "default_report_dir",
+           "format_table", "open_experiment"]

@@ -56,12 +56,21 @@ def resolve(uri: str, client: MlflowClient) -> tuple[str, str, str | None]:
                 model = client.get_logged_model(ref)
                 return uri, f"{uri} (logged model {model.name})", model.source_run_id
             name, sep, alias = ref.partition("@")
-            version = (client.get_model_version_by_alias(name, alias) if sep
-                       else client.get_model_version(*ref.split("/", 1)))
+            if sep:
+                version = client.get_model_version_by_alias(name, alias)
+            elif ref.endswith("/latest"):  # the newest version, as MLflow's own URIs mean it
+                name = ref.removesuffix("/latest")
+                found = client.search_model_versions(f"name = '{name}'") if "'" not in name else []
+                if not found:
+                    raise TypeError(name)
+                version = max(found, key=lambda v: int(v.version))
+            else:
+                version = client.get_model_version(*ref.split("/", 1))
         except (MlflowException, TypeError):
             raise PredictError(f"--model {uri}: no such model in {client.tracking_uri} "
                                f"(expected {URI_FORMS})") from None
-        return uri, f"{uri} = version {version.version} ({describe_tags(version.tags)})", version.run_id
+        return (f"models:/{version.name}/{version.version}",
+                f"{uri} = version {version.version} ({describe_tags(version.tags)})", version.run_id)
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
         try:

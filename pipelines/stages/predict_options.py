@@ -2,6 +2,7 @@
 the command line is parsed without them."""
 
 SPLITS = ("train", "valid", "test", "all")
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN_ID/model or a model folder"
+URI_FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION (or /latest), models:/MODEL_ID, runs:/RUN_ID/model or a "
+             "model folder")
 
 __all__ = ["SPLITS", "URI_FORMS"]

@@ -103,6 +103,8 @@ CASES = [
     ("data: labels out of range",
      lambda t: (["ablations", "--quick", "--data", _data_with(t, labels=np.full((8, 1, 1), 9.0, np.float32))], {}),
      "[-3, 3]"),
+    ("predict to an empty --out", lambda t: (["predict", "--model", "models:/m@champion", "--out", ""], {}),
+     "--out is empty: give the CSV file to write"),
     ("data file missing", lambda t: (["ablations", "--quick", "--data", str(t / "nope.pkl")], {}), "no such file"),
 ]
 

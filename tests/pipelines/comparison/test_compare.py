@@ -225,6 +225,11 @@ def test_each_suite_keeps_its_reports_and_compare_suite_rebuilds_any(in_store, s
     (first / "report.html").unlink()
     assert main(["compare", "--suite", first.name]) == 0                     # by label, as the folder is named
     assert (first / "report.html").is_file() and str(first / "report.html") in capsys.readouterr().out
+    # `latest` names a folder too: the suite that ran last, as `compare` alone takes it (here `other`).
+    assert main(["compare", "--experiment", EXPERIMENT, "--suite", "latest"]) == 0
+    assert (reports / "latest" / "comparison.csv").read_bytes() == (reports / "other-suite" / "comparison.csv"
+                                                                   ).read_bytes() != before
+    capsys.readouterr()
     (first / "report.html").unlink()
     assert main(["compare", "--suite", in_store["parent"][:8]]) == 0         # by the start of its id
     assert (first / "report.html").is_file() and str(first / "report.html") in capsys.readouterr().out

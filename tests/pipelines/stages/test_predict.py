@@ -131,7 +131,7 @@ def test_an_unlabelled_file_gets_predictions_only_through_a_runs_uri(at, capsys)
 
 
 @pytest.mark.parametrize("uri", ["runs:/{run_id}/text_audio-seed-1", "models:/{model_id}",
-                                 f"models:/{EXPERIMENT}/1", "runs:/{legacy}/model"])
+                                 f"models:/{EXPERIMENT}/1", f"models:/{EXPERIMENT}/latest", "runs:/{legacy}/model"])
 def test_every_uri_form_loads(at, uri, capsys):
     uri = uri.format(**at)
     out = at["tmp"] / "any.csv"
@@ -152,6 +152,7 @@ def test_dims_that_do_not_fit_the_model_are_one_line(at, capsys):
 def test_bad_model_references_are_one_line(at, capsys):
     for uri, words in [("models:/nope@champion", "--model models:/nope@champion: no such model"),
                        ("runs:/0123abcd/model", "no run '0123abcd'"),
+                       ("models:/nope/latest", "--model models:/nope/latest: no such model"),
                        (f"runs:/{at['run_id']}/other", "has no logged model named 'other'"),
                        ("some/folder", "not a model URI or a folder with an MLmodel file")]:
         assert main(["predict", "--model", uri, "--data", "labelled.pkl"]) == 2
