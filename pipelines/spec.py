@@ -108,6 +108,8 @@ def parse_spec(raw: Any, path: str) -> Spec:
     data = raw.get("data", "synthetic")
     if not (isinstance(data, str) and data.strip()):
         raise SpecError(f"{path}: 'data' must be a MOSI pickle path or 'synthetic', got {data!r}")
+    if data != "synthetic":  # a relative path is read from the spec's folder, as a tune spec's `ablations` is
+        data = str(Path(path).parent / Path(data).expanduser())
     seeds = check_seeds(raw.get("seeds", [1111, 1112, 1113]), path, "seeds")
     base = check_mapping(raw.get("base") or {}, path, "base", "a mapping with 'model' and/or 'train'")
     ablations = raw["ablations"]

@@ -121,3 +121,22 @@ def test_an_unwritable_cache_still_prepares_with_one_warning(tmp_path, monkeypat
     assert captured.err == (f"warning: cannot write the synthetic data cache in {cache} (it is a file, not a "
                             "directory); generated the data in memory instead (set MSA_CACHE to a writable directory "
                             "to keep it between runs)\n")
+
+
+
+def test_a_relative_data_path_in_a_spec_is_read_from_the_specs_folder(tmp_path, monkeypatch):
+    from pipelines.spec import load_spec
+    from pipelines.stages.prepare import prepare
+
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "data").mkdir()
+    write_pickle(generate_raw(SyntheticSpec(sizes=(12, 6, 8), seq_len=10)), tmp_path / "data" / "mosi.pkl")
+    spec = tmp_path / "specs" / "spec.yaml"
+    spec.write_text("experiment: unit\ndata: ../data/mosi.pkl\nablations:\n  baseline: {}\n")
+    elsewhere = tmp_path / "one" / "two"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)                                    # from here, ../data is another folder
+    assert prepare(load_spec(spec).data).sizes == {"train": 12, "valid": 6, "test": 8}
+    spec.write_text(f"experiment: unit\ndata: {tmp_path / 'data' / 'mosi.pkl'}\nablations:\n  baseline: {{}}\n")
+    assert load_spec(spec).data == str(tmp_path / "data" / "mosi.pkl")                 # an absolute one as it is
+    assert load_spec(None).data == "synthetic"
