@@ -6,9 +6,9 @@ a live claim on the key does not train it. A claim whose heartbeat is older than
 (`MSA_CLAIM_GRACE_S`, default 120 s, and never under three of its writer's beats) is stale: its process
 died; it is marked KILLED with the reason in `killed_reason`, and the run is redone. A claim made on
 this very machine (same boot, same PID namespace: the `claim_process` tag) is judged at once instead:
-stale as soon as its process is gone (killed with SIGKILL, out of memory), whatever its last beat. Two claims made
-at once are settled by their order (start time, then run id): the later one is deleted, having
-trained nothing. Suite parents and tune sessions beat too, so that the next command on their
+stale as soon as its process is gone (killed with SIGKILL, out of memory), whatever its last beat.
+Two claims made at once are settled by their order (start time, then run id): the later one is
+deleted, having trained nothing. Suite parents and tune sessions beat too, so that the next command on their
 experiment marks a dead one KILLED. Clocks of the machines must agree to well within the grace period.
 """
 
