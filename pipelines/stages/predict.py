@@ -61,14 +61,13 @@ def resolve(uri: str, client: MlflowClient) -> tuple[str, str, str | None]:
             elif ref.endswith("/latest"):  # the newest version, as MLflow's own URIs mean it
                 name = ref.removesuffix("/latest")
                 found = client.search_model_versions(f"name = '{name}'") if "'" not in name else []
-                if not found:
-                    raise TypeError(name)
-                version = max(found, key=lambda v: int(v.version))
+                version = max(found, key=lambda v: int(v.version), default=None)
             else:
                 version = client.get_model_version(*ref.split("/", 1))
-        except (MlflowException, TypeError):
-            raise PredictError(f"--model {uri}: no such model in {client.tracking_uri} "
-                               f"(expected {URI_FORMS})") from None
+        except (MlflowException, TypeError):  # TypeError: no '/' between name and version
+            version = None
+        if version is None:
+            raise PredictError(f"--model {uri}: no such model in {client.tracking_uri} (expected {URI_FORMS})")
         return (f"models:/{version.name}/{version.version}",
                 f"{uri} = version {version.version} ({describe_tags(version.tags)})", version.run_id)
     if uri.startswith("runs:/"):
