@@ -24,7 +24,7 @@ import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -344,25 +344,17 @@ def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str])
     runs are listed page by page and matched here.)"""
     wanted = set(keys)
     found: dict[str, Any] = {}
-    for r in search_all(client, experiment_id, f"attributes.status = '{RunStatus.FINISHED}'",
-                        order_by=["attributes.start_time DESC"]):
-        key = r.data.tags.get("run_key")
-        if key in wanted and all(math.isfinite(r.data.metrics.get(f"test_{m}", math.nan)) for m in ("MAE", "Corr")):
-            found.setdefault(key, r)
-    return found
-
-
-def search_all(client: MlflowClient, experiment_id: str, filter_string: str,
-               order_by: list[str] | None = None) -> Iterator[Run]:
-    """Every run of the experiment that the filter matches, page by page (MLflow returns 1000 at most)."""
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
-                                  max_results=1000, page_token=token)
-        yield from page
+        page = client.search_runs([experiment_id], filter_string=f"attributes.status = '{RunStatus.FINISHED}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        for r in page:
+            key = r.data.tags.get("run_key")
+            if key in wanted and all(math.isfinite(r.data.metrics.get(f"test_{m}", math.nan)) for m in ("MAE", "Corr")):
+                found.setdefault(key, r)
         token = page.token
         if not token:
-            return
+            return found
 
 
 def log_dataset(client: MlflowClient, run_id: str, data: MOSIData) -> None:

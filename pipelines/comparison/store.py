@@ -101,12 +101,22 @@ def find_suite(client: MlflowClient, experiment_id: str, suite_run_id: str | Non
         return run, rows
     # A full `ablations` suite first: a `tune` suite holds only the tuned model and its references.
     for suite_filter in ("tags.suite = 'ablations'", "tags.suite LIKE '%'"):
-        for run in sorted(tracking.search_all(client, experiment_id, suite_filter), key=_last_active, reverse=True):
+        for run in sorted(_all_runs(client, experiment_id, suite_filter), key=_last_active, reverse=True):
             rows = _suite_rows(client, run.info.run_id)
             if rows and any(_usable(r) for r in rows):
                 return run, rows
     raise CompareError(f"experiment '{experiment}' has no suite with finished runs to compare; "
                        "run `python -m pipelines.run ablations` first")
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def _last_active(run: Run) -> tuple[float, float]:
