@@ -59,7 +59,7 @@ def claim_tags(grace: float | None = None) -> dict[str, str]:
     """The tags that make a new RUNNING run a claim (or a beating parent run)."""
     return {HEARTBEAT: f"{time.time():.3f}", BEAT_EVERY: f"{beat_every(grace or grace_seconds()):g}",
             CLAIMED_BY: f"{socket.gethostname()}:{os.getpid()}", CLAIM_JOB: current_job_key() or "",
-            CLAIM_PROCESS: _process_identity(os.getpid())}
+            CLAIM_PROCESS: process_identity()}
 
 
 def _machine() -> str | None:
@@ -84,20 +84,28 @@ def _stat(pid: int) -> tuple[str, str] | None:
     return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
-def _process_identity(pid: int) -> str:
+def process_identity(pid: int | None = None) -> str:
+    """`<boot id>/<pid namespace>/<pid>/<start time>` of process `pid` (default: this one), or "" where
+    /proc cannot tell (not Linux)."""
+    pid = os.getpid() if pid is None else pid
     machine, stat = _machine(), _stat(pid)
     return f"{machine}/{pid}/{stat[1]}" if machine and stat else ""
 
 
-def process_gone(run: Run) -> bool:
-    """True when the claim's process ran on this machine (same boot, same PID namespace) and has ended:
-    no such PID, a PID reused by a later process, or a zombie. False when it runs or cannot be told
-    from here (another machine or container, no /proc, a claim made before this tag existed)."""
-    boot, namespace, pid, started = (run.data.tags.get(CLAIM_PROCESS, "").split("/") + [""] * 4)[:4]
+def process_ended(identity: str) -> bool:
+    """True when the process of `identity` ran on this machine (same boot, same PID namespace) and has
+    ended: no such PID, a PID reused by a later process, or a zombie. False when it runs or cannot be
+    told from here (another machine or container, no /proc, an empty identity)."""
+    boot, namespace, pid, started = ((identity or "").split("/") + [""] * 4)[:4]
     if not (pid.isdigit() and started) or f"{boot}/{namespace}" != _machine():
         return False
     stat = _stat(int(pid))
     return stat is None or stat[1] != started or stat[0] in ("Z", "X")
+
+
+def process_gone(run: Run) -> bool:
+    """`process_ended` for a claim (its `claim_process` tag; a claim made before that tag: False)."""
+    return process_ended(run.data.tags.get(CLAIM_PROCESS, ""))
 
 
 class ClaimLost(KeyboardInterrupt):
@@ -282,5 +290,5 @@ class Heartbeat:
 
 
 __all__ = ["GRACE_ENV", "DEFAULT_GRACE_S", "HEARTBEAT", "KILLED_REASON", "CLAIM_PROCESS", "ClaimLost", "Taken",
-           "Heartbeat", "grace_seconds", "claim_tags", "is_live", "process_gone", "why_stale", "find_taken", "settle",
-           "kill_stale", "wait_for", "mark_killed"]
+           "Heartbeat", "grace_seconds", "claim_tags", "is_live", "process_identity", "process_ended", "process_gone",
+           "why_stale", "find_taken", "settle", "kill_stale", "wait_for", "mark_killed"]

@@ -27,7 +27,7 @@ from msa.config import RunConfig, deep_merge
 from msa.data import MOSIData
 from msa.metrics import is_better
 from msa.training import fit
-from pipelines import tracking
+from pipelines import claims, tracking
 from pipelines.spec import Spec
 from pipelines.status import RunStatus
 from pipelines.tuning.spec import Param, TuneSpec
@@ -150,6 +150,7 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
             override = override_of(setup, values)
             trial.set_user_attr("override", override)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            trial.set_user_attr(claims.CLAIM_PROCESS, claims.process_identity())  # ended here: stale at once
             config = trial_config(setup, override)
             if run is not None:
                 run.log_config(config, setup.seeds)

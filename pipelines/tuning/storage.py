@@ -24,7 +24,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # private: the heartbeat p
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines import tracking
+from pipelines import claims, tracking
 from pipelines.errors import StoreError, UserError, check_writable_dir
 from pipelines.status import RunStatus
 
@@ -42,8 +42,9 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """A journal file storage with Optuna's heartbeat protocol, which its RDBStorage has and (as of
     Optuna 5) its JournalStorage lacks. While a trial runs, Optuna's heartbeat thread stamps it every
     `heartbeat_interval` s; before each new trial, any process on the study fails the RUNNING trials
-    that have neither a stamp nor a start within `grace_period` s, then calls the stale-trial
-    callback (which re-queues their parameters). The start time counts so that a re-queued trial,
+    that have neither a stamp nor a start within `grace_period` s, or whose worker process ran on this
+    machine and has ended (`claims.process_ended`: no wait), then calls the stale-trial callback
+    (which re-queues their parameters). The start time counts so that a re-queued trial,
     which inherits its predecessor's old stamp, is not failed before its own thread has stamped it."""
 
     def __init__(self, backend: JournalFileBackend, settings: StorageSettings,
@@ -64,7 +65,8 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         stale = []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-            if now - max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started) > self.grace_period:
+            if (now - max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started) > self.grace_period
+                    or claims.process_ended(t.user_attrs.get(claims.CLAIM_PROCESS, ""))):
                 stale.append(trial_id(t))
         return stale
 
@@ -91,7 +93,9 @@ class OnDeadTrial:
             try:
                 client = MlflowClient(tracking.tracking_uri())
                 run = client.get_run(run_id)
-                reason = f"worker died: no heartbeat for over {self.grace_period} s"
+                reason = (f"worker died: its process ({trial.user_attrs.get('worker')}) has ended"
+                          if claims.process_ended(trial.user_attrs.get(claims.CLAIM_PROCESS, ""))
+                          else f"worker died: no heartbeat for over {self.grace_period} s")
                 if run.info.status == RunStatus.RUNNING:
                     client.set_tag(run_id, "optuna_state", TrialState.FAIL.name)
                     client.set_tag(run_id, "error", reason)

@@ -67,7 +67,7 @@ def test_a_claim_whose_process_ended_on_this_machine_is_stale_at_once_whatever_i
     client, exp_id = exp
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     tags = {**claims.claim_tags(grace=60), "run_key": KEY}
-    tags[claims.CLAIM_PROCESS] = claims._process_identity(child.pid)
+    tags[claims.CLAIM_PROCESS] = claims.process_identity(child.pid)
     tags[claims.CLAIMED_BY] = f"here:{child.pid}"
     if not tags[claims.CLAIM_PROCESS]:
         child.kill()
@@ -89,7 +89,7 @@ def _claimed_by(identity: str):
 
 
 def test_only_a_claim_made_on_this_machine_is_looked_up_and_a_reused_pid_is_not_its_process():
-    mine = claims._process_identity(os.getpid())
+    mine = claims.process_identity(os.getpid())
     if not mine:
         pytest.skip("no /proc here: a claim's process cannot be looked up, only its heartbeat tells")
     boot, namespace, pid, started = mine.split("/")

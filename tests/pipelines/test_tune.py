@@ -317,6 +317,32 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path, store):
     assert "worker died" in dead_run.data.tags["error"]
 
 
+def test_a_trial_whose_worker_process_ended_here_is_retried_at_once(tmp_path, store):
+    """SIGKILL or out of memory on this machine: no wait for the heartbeat grace (180 s here)."""
+    import subprocess
+    import sys
+
+    from pipelines import claims
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    identity = claims.process_identity(ended.pid)
+    ended.wait()
+    if not identity:
+        pytest.skip("no /proc here: a trial's process cannot be looked up, only its heartbeat tells")
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, grace=180))
+    dead = optuna.create_study(study_name="unit-quick", direction="maximize",
+                               storage=tune.open_storage(None, spec.storage))
+    trial = dead.ask()
+    tune.sample(trial, spec.space)
+    trial.set_user_attr("worker", f"here:{ended.pid}")
+    trial.set_user_attr(claims.CLAIM_PROCESS, identity)
+    dead._storage.record_heartbeat(trial_id(trial))                     # it beat just now, then was killed
+    tune.run_study(spec, quick=True, trials=2)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].system_attrs["failed_trial"] == 0
+
+
 def test_a_study_starts_from_the_named_ablations_once(tmp_path, store):
     spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [improved, baseline]\n"))
     improved, baseline = dict(spec.start_from)["improved"], dict(spec.start_from)["baseline"]
