@@ -83,6 +83,9 @@ def search_view(data: MOSIData) -> MOSIData:
     return dataclasses.replace(data, splits={k: v for k, v in data.splits.items() if k != "test"})
 
 
+SESSION_ATTR = "session"  # trial user attr: the MLflow run id of the `tune` session that ran it
+
+
 @dataclass(frozen=True)
 class TrialTracking:
     """Where a trial's nested MLflow run goes; picklable."""
@@ -150,6 +153,8 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
             override = override_of(setup, values)
             trial.set_user_attr("override", override)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            if where is not None:  # which session ran it: sessions sharing a study count their own
+                trial.set_user_attr(SESSION_ATTR, where.parent_run_id)
             trial.set_user_attr(claims.CLAIM_PROCESS, claims.process_identity())  # ended here: stale at once
             config = trial_config(setup, override)
             if run is not None:

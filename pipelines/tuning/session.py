@@ -28,7 +28,7 @@ from pipelines.stages.train import WorkerSetup
 from pipelines.tuning import confirm
 from pipelines.tuning.claim import TrialClaim
 from pipelines.tuning.handover import TUNED, default_study_name, save_best
-from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, objective
+from pipelines.tuning.objective import SESSION_ATTR, Emit, TrialSetup, TrialTracking, objective
 from pipelines.tuning.search import make_pruner, make_sampler, session_seed
 from pipelines.tuning.spec import TuneError, TuneSpec
 from pipelines.tuning.storage import StorageSettings, open_storage, storage_label
@@ -138,6 +138,9 @@ class StudySession:
     suite_spec: Spec                           # the resolved ablations spec (quick / epochs applied)
     seconds: float
     choice: confirm.Choice | None = None       # how the chosen trial was chosen: seeds, mean, spread
+    target: int = 0                            # the trials the study was to hold (--trials)
+    n_finished: int = 0                        # of n_total, those COMPLETE, PRUNED or FAIL
+    timeout: float | None = None               # --timeout: trials stop starting after it
 
     def count(self, state: TrialState) -> int:
         return sum(t.state == state for t in self.trials)
@@ -216,8 +219,8 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
                 run_jobs(todo, confirm.retrain, setup=worker_setup, workers=min(workers, len(todo)),
                          on_event=on_event, local_resources=data, engine=engine)
         finally:
-            session = _finish_session(spec, storage, study, n_before, client, experiment, experiment_id, parent_id,
-                                      data, suite_spec, started)
+            session = _finish_session(spec, storage, study, target, timeout, client, experiment, experiment_id,
+                                      parent_id, data, suite_spec, started)
     return session
 
 
@@ -255,13 +258,13 @@ def _open_study(spec: TuneSpec, storage: str | None, name: str, setup: TrialSetu
     return study
 
 
-def _finish_session(spec: TuneSpec, storage: str | None, study: optuna.Study, n_before: int, client: MlflowClient,
-                    experiment: str, experiment_id: str, parent_id: str, data: MOSIData, suite_spec: Spec,
-                    started: float) -> StudySession:
+def _finish_session(spec: TuneSpec, storage: str | None, study: optuna.Study, target: int, timeout: float | None,
+                    client: MlflowClient, experiment: str, experiment_id: str, parent_id: str, data: MOSIData,
+                    suite_spec: Spec, started: float) -> StudySession:
     """Save the best trial as `improved_tuned` and put the session's summary and plots on the parent run."""
     study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage, spec.storage))
     all_trials = study.get_trials(deepcopy=False)
-    session_trials = [t for t in all_trials if t.number >= n_before]
+    session_trials = [t for t in all_trials if t.user_attrs.get(SESSION_ATTR) == parent_id]
     choice, best_path = save_best(study, spec, storage)
     best = choice.trial if choice is not None else None
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -282,7 +285,8 @@ def _finish_session(spec: TuneSpec, storage: str | None, study: optuna.Study, n_
     return StudySession(study.study_name, storage_label(storage), experiment, experiment_id, parent_id, data.source,
                         data.digest, data.synthetic, session_trials, len(all_trials), best,
                         dict(best.user_attrs["override"]) if best is not None else None, best_path, spec.metric,
-                        suite_spec, time.monotonic() - started, choice)
+                        suite_spec, time.monotonic() - started, choice, target=target,
+                        n_finished=sum(t.state.is_finished() for t in all_trials), timeout=timeout)
 
 
 def _log_study_artifacts(client: MlflowClient, run_id: str, study: optuna.Study, best_path: Path | None) -> None:
@@ -319,6 +323,9 @@ def summary(session: StudySession) -> str:
              f"({session.count(TrialState.COMPLETE)} complete, {session.count(TrialState.PRUNED)} pruned, "
              f"{session.count(TrialState.FAIL)} failed), {session.n_total} in all, "
              f"in {session.seconds:.0f} s"]
+    if session.timeout is not None and session.n_finished < session.target:
+        lines.append(f"--timeout {session.timeout:g} s reached: the study holds {session.n_finished} of "
+                     f"{session.target} finished trials; the same command again goes on")
     if session.best is None:
         lines.append("no COMPLETE trial yet")
     else:

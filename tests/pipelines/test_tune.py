@@ -343,6 +343,16 @@ def test_a_trial_whose_worker_process_ended_here_is_retried_at_once(tmp_path, st
     assert study.trials[1].system_attrs["failed_trial"] == 0
 
 
+def test_a_session_counts_the_trials_it_ran_and_says_when_its_timeout_stopped_it(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [improved, baseline]\n"))
+    first = tune.run_study(spec, quick=True, trials=4, timeout=0.01)      # one trial starts, then time is up
+    assert [t.number for t in first.trials] == [0]                        # not the start point left queued
+    assert "--timeout 0.01 s reached: the study holds 1 of 4 finished trials" in tune.summary(first)
+    second = tune.run_study(spec, quick=True, trials=3)
+    assert [t.number for t in second.trials] == [1, 2]                    # the queued start point, then one more
+    assert "2 trial(s) this session" in tune.summary(second) and "--timeout" not in tune.summary(second)
+
+
 def test_a_study_starts_from_the_named_ablations_once(tmp_path, store):
     spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [improved, baseline]\n"))
     improved, baseline = dict(spec.start_from)["improved"], dict(spec.start_from)["baseline"]
