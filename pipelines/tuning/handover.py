@@ -42,7 +42,9 @@ def save_best(study: optuna.Study, spec: TuneSpec, storage: str | None) -> tuple
     record = choice.record(spec.metric)
     if study.user_attrs.get(TUNED) != record:
         study.set_user_attr(TUNED, record)
-    path = default_storage_path().parent / f"{study.study_name}.best.yaml"
+    # Beside the study's journal file; a database's studies (a URL) get the default folder.
+    folder = Path(storage).parent if storage is not None and "://" not in storage else default_storage_path().parent
+    path = folder / f"{study.study_name}.best.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"# The chosen {describe(choice, spec.metric)}\n# of Optuna study '{study.study_name}' "

@@ -353,6 +353,14 @@ def test_a_session_counts_the_trials_it_ran_and_says_when_its_timeout_stopped_it
     assert "2 trial(s) this session" in tune.summary(second) and "--timeout" not in tune.summary(second)
 
 
+def test_the_best_yaml_goes_beside_the_studys_own_journal(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path))
+    journal = tmp_path / "elsewhere" / "study.log"
+    session = tune.run_study(spec, quick=True, trials=1, storage=str(journal))
+    assert session.best_path == journal.parent / "unit-quick.best.yaml" and session.best_path.is_file()
+    assert not (tmp_path / "mlruns" / "optuna" / "unit-quick.best.yaml").exists()
+
+
 def test_a_study_starts_from_the_named_ablations_once(tmp_path, store):
     spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [improved, baseline]\n"))
     improved, baseline = dict(spec.start_from)["improved"], dict(spec.start_from)["baseline"]
