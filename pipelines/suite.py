@@ -146,7 +146,8 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
         tasks.sort(key=estimated_cost, reverse=True)  # longest first: no long run left alone at the end
         # On this machine a small suite trains in this process: starting workers would cost more.
         workers = workers or default_workers(len(tasks), None if engine.scheduler else _work(tasks, data))
-        say(f"{len(planned)} runs in experiment '{spec.experiment}': {len(rows)} cached, "
+        runs = f"{len(planned)} run{'' if len(planned) == 1 else 's'}"
+        say(f"{runs} in experiment '{spec.experiment}': {len(rows)} cached, "
             + (engine.describe(workers, len(tasks)) if tasks else "nothing to train"))
 
         # (epochs, cost of one epoch) per run: the ETA weighs epochs by what they cost
