@@ -95,7 +95,9 @@ def write_reports(c: Comparison, out_dir: Path) -> dict[str, Path]:
     """Write comparison.csv, comparison.md and report.html into out_dir (created); name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in REPORT_FILES}
-    c.table.to_csv(paths["comparison.csv"], encoding="utf-8")
+    # The CSV travels alone: every row says what data its figures come from.
+    c.table.assign(data="SYNTHETIC (not a MOSI result)" if c.synthetic else "real").to_csv(
+        paths["comparison.csv"], encoding="utf-8")
     paths["comparison.md"].write_text(to_markdown(c), encoding="utf-8")
     paths["report.html"].write_text(to_html(c), encoding="utf-8")
     return paths

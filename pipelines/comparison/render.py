@@ -133,7 +133,8 @@ def to_markdown(c: Comparison) -> str:
             ("- Every figure here is on the test split, touched once per run; each run's checkpoint was selected "
              "on the validation split (best validation Corr). n is the number of finished seeds; std uses ddof=1."),
             ("- The curves (validation only) and plots are in `report.html`; every column for every metric "
-             "(`<Metric>_mean`, `_std`, `_n`, `_delta`, `_ci_low`, `_ci_high`, `_mark`) is in `comparison.csv`."),
+             "(`<Metric>_mean`, `_std`, `_n`, `_delta`, `_ci_low`, `_ci_high`, `_mark`, and `data`: synthetic or "
+             "real) is in `comparison.csv`."),
             ""]
     return "\n".join(out)
 
