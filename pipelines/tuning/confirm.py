@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from msa.data import MOSIData
 from msa.training import fit
-from pipelines import tracking
+from pipelines import claims, tracking
 from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, search_view, trial_config, trial_score
 from pipelines.tuning.spec import TuneSpec
 from pipelines.tuning.storage import StorageSettings, open_storage
@@ -126,24 +126,25 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) ->
     """Train the trial's config on the job's seed, select on validation, record it in the study (and
     in MLflow when tracked); returns (trial, seed, validation value)."""
     config = trial_config(job.setup, job.override)
-    run_id, client, log_epoch = "", None, None
+    line = f"confirm {job.trial:>4}  seed {job.seed:<10}"
+    run_id, client, log_epoch, beat = "", None, None, None
     if job.where is not None:
         client = MlflowClient(job.where.uri)
-        run_id = tracking.start_run(
-            client, job.where.experiment_id, f"confirm-{job.trial}-seed-{job.seed}",
-            parent_run_id=job.where.parent_run_id,
-            tags={"confirm_trial": str(job.trial), "confirm_seed": str(job.seed), "optuna_study": job.study,
-                  **dict(job.where.tags)},
-            params={**config.flat(), "seed": job.seed})
+        claimed = _claim(job, client, config, emit, line)
+        if isinstance(claimed, float):  # another session re-trained this pair: its value
+            return job.trial, job.seed, claimed
+        run_id = claimed
         log_epoch = tracking.EpochLogger(client, run_id)
+        beat = claims.Heartbeat(client, run_id, experiment_id=job.where.experiment_id, run_key=_key(job))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
         if log_epoch is not None:
             log_epoch(epoch, metrics)
+            beat.check()  # another session judged this claim dead and took the pair: stop
         return False
 
     try:
-        with tracking.recorded_run(client, run_id) if client is not None else nullcontext():
+        with beat or nullcontext(), tracking.recorded_run(client, run_id) if client is not None else nullcontext():
             with warnings.catch_warnings():  # an undefined Corr counts as 0, as in the search
                 warnings.filterwarnings("ignore", message="Corr is undefined", category=RuntimeWarning)
                 result = fit(config, search_view(data), seed=job.seed, callback=on_epoch, threads=threads,
@@ -153,13 +154,46 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) ->
                 tracking.log_metrics(client, run_id, {"objective": value})
             if not math.isfinite(value):
                 raise ValueError(f"validation {job.setup.metric} is {value}")
-    except Exception as e:  # unrecorded, so the trial is no candidate and the next `tune` tries again
-        emit({"event": "trial", "line": f"confirm {job.trial:>4}  seed {job.seed:<10} FAILED {type(e).__name__}: {e}"})
+    except (Exception, claims.ClaimLost) as e:  # unrecorded: no candidate, and the next `tune` tries again
+        emit({"event": "trial", "line": f"{line} FAILED {type(e).__name__}: {e}"})
         return job.trial, job.seed, math.nan
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings))
     study.set_user_attr(f"{PREFIX}:{job.trial}:{job.seed}", {"value": value, "mlflow_run_id": run_id or None})
-    emit({"event": "trial", "line": f"confirm {job.trial:>4}  seed {job.seed:<10} val {job.setup.metric} {value:.4f}"})
+    emit({"event": "trial", "line": f"{line} val {job.setup.metric} {value:.4f}"})
     return job.trial, job.seed, value
+
+
+def _key(job: ConfirmJob) -> str:
+    return f"{PREFIX}:{job.study}:{job.trial}:{job.seed}"
+
+
+def _claim(job: ConfirmJob, client: MlflowClient, config, emit: Emit, line: str) -> str | float:
+    """Claim the pair's MLflow run, as ablation runs are claimed, so that two `tune` sessions on one
+    study never re-train one pair twice: the new run's id, or the value another session recorded for
+    it (waited for while it trains there)."""
+    experiment_id, key = job.where.experiment_id, _key(job)
+    while True:
+        taken = claims.find_taken(client, experiment_id, key)
+        if taken is None:
+            run_id = tracking.start_run(
+                client, experiment_id, f"confirm-{job.trial}-seed-{job.seed}", parent_run_id=job.where.parent_run_id,
+                tags={"confirm_trial": str(job.trial), "confirm_seed": str(job.seed), "optuna_study": job.study,
+                      "run_key": key, **dict(job.where.tags), **claims.claim_tags()},
+                params={**config.flat(), "seed": job.seed})
+            taken = claims.settle(client, experiment_id, key, run_id)
+            if taken is None:
+                return run_id
+        if not taken.finished:
+            emit({"event": "trial", "line": f"{line} {taken.describe()}; waiting for it"})
+        done = claims.wait_for(client, experiment_id, [key])[key]
+        if done is not None:  # FINISHED there: its value, in the study too (its writer may not be there yet)
+            value = float(done.data.metrics.get("objective", math.nan))
+            study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings))
+            if math.isfinite(value) and f"{PREFIX}:{job.trial}:{job.seed}" not in study.user_attrs:
+                study.set_user_attr(f"{PREFIX}:{job.trial}:{job.seed}",
+                                    {"value": value, "mlflow_run_id": done.info.run_id})
+            return value
+        # its process died or the run failed: try it here
 
 
 def describe(choice: Choice, metric: str) -> str:

@@ -484,6 +484,35 @@ def test_the_best_validation_mean_wins_not_the_luckiest_seed(tmp_path, store):
     assert "trial 1: validation Corr 0.6500 ± 0.0100 over 3 seed(s)" in path.read_text()
 
 
+def test_a_pair_another_session_is_retraining_is_waited_for_not_trained_twice(tmp_path, store):
+    """Two `tune` sessions on one study reach the same top trial: the second waits for the first's
+    re-training of (trial 0, seed 8) and takes its value."""
+    from pipelines import claims, tracking
+
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 1, seeds: [8]}\n"))
+    client, exp_id = tracking.setup("tune-unit")
+    other = client.create_run(exp_id, run_name="confirm-0-seed-8", tags={
+        "run_key": "confirm:unit-quick:0:8", "confirm_trial": "0", "confirm_seed": "8", **claims.claim_tags()})
+    other_id = other.info.run_id
+
+    def the_other_session_finishes():
+        time.sleep(3)
+        client.log_metric(other_id, "objective", 0.4242)
+        client.set_terminated(other_id, "FINISHED")
+
+    finisher = threading.Thread(target=the_other_session_finishes)
+    finisher.start()
+    said = io.StringIO()
+    session = tune.run_study(spec, quick=True, trials=1, stream=said)
+    finisher.join()
+    assert "confirm    0  seed 8          running elsewhere: claimed by" in said.getvalue()
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert study.user_attrs["confirm:0:8"] == {"value": 0.4242, "mlflow_run_id": other_id}
+    assert session.choice.seed_values[8] == pytest.approx(0.4242)
+    _, _, runs = _tune_runs(MlflowClient(store))
+    assert [r.info.run_id for r in runs if r.data.tags.get("confirm_trial") == "0"] == [other_id]   # no second
+
+
 def test_top_trials_are_retrained_on_more_seeds_once(tmp_path, store):
     spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 2, seeds: [8]}\n"))
     first = tune.run_study(spec, quick=True, trials=3)
