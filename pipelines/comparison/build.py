@@ -51,7 +51,8 @@ def compare(client: MlflowClient, experiment_id: str, *, suite_run_id: str | Non
         modality_subsets=modality_subsets(records, baseline), experiment=experiment,
         suite_run_id=parent.info.run_id, baseline=baseline, synthetic=synthetic,
         test=describe_test(n_boot, n_test), n_test=n_test, seeds=store.suite_seeds(parent, records),
-        left_out=tuple(left_out), n_running=store.still_running(client, experiment_id, rows))
+        left_out=tuple(left_out), n_running=store.still_running(client, experiment_id, rows),
+        precision=", ".join(sorted({r.params.get("train.precision", "fp32") for r in records})))
     out = Path(out_dir) if out_dir else default_report_dir(experiment, label_of(parent))
     comparison.paths = write_reports(comparison, out.resolve())
     if latest and out_dir is None:
@@ -96,7 +97,7 @@ def write_reports(c: Comparison, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in REPORT_FILES}
     # The CSV travels alone: every row says what data its figures come from.
-    c.table.assign(data="SYNTHETIC (not a MOSI result)" if c.synthetic else "real").to_csv(
+    c.table.assign(data="SYNTHETIC (not a MOSI result)" if c.synthetic else "real", precision=c.precision).to_csv(
         paths["comparison.csv"], encoding="utf-8")
     paths["comparison.md"].write_text(to_markdown(c), encoding="utf-8")
     paths["report.html"].write_text(to_html(c), encoding="utf-8")

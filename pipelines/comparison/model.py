@@ -55,6 +55,7 @@ class Comparison:
     left_out: tuple[str, ...] = ()        # FINISHED runs without a finite test score, in words
     paths: dict[str, Path] = field(default_factory=dict)  # file name -> where it was written
     n_running: int = 0                    # runs of the suite still RUNNING (not counted until FINISHED)
+    precision: str = "fp32"               # what the compared runs trained in: fp32, bf16, or "bf16, fp32"
 
     @property
     def ablations(self) -> list[str]:

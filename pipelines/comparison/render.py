@@ -76,7 +76,8 @@ def format_table(c: Comparison) -> str:
     """Key test metrics per ablation (suite order, baseline first): mean ± std over seeds, Δ, mark."""
     cell_width = 25
     lines = [f"*** {SYNTHETIC_BANNER} ***"] if c.synthetic else []
-    lines.append(f"Test metrics of suite run {c.suite_run_id} ('{c.experiment}'): mean ± std over seeds, "
+    trained = "" if c.precision == "fp32" else f", trained in {c.precision}"
+    lines.append(f"Test metrics of suite run {c.suite_run_id} ('{c.experiment}'{trained}): mean ± std over seeds, "
                  f"difference to '{c.baseline}', mark")
     header = (f"{'ablation':<20} {'n':>2}  " + "".join(f"{m:<{cell_width}}" for m in KEY_METRICS)).rstrip()
     lines += [header, "-" * len(header)]
@@ -141,7 +142,7 @@ def to_markdown(c: Comparison) -> str:
 
 def meta_line(c: Comparison) -> str:
     return (f"Suite run `{c.suite_run_id}` · seeds {', '.join(map(str, c.seeds))} · {c.n_test} test samples per run "
-            f"· baseline `{c.baseline}`")
+            f"· baseline `{c.baseline}` · precision {c.precision}")
 
 
 def subset_rows(c: Comparison) -> list[tuple[str, tuple[str, ...], pd.Series]]:

@@ -286,3 +286,20 @@ def test_compare_alone_takes_the_suite_that_ran_last_as_ablations_makes_it_lates
     time.sleep(0.01)
     client.set_terminated(parents["a"], "FINISHED")                           # ... and finished again
     assert comparison_store.find_suite(client, exp_id)[0].info.run_id == parents["a"]
+
+
+def test_a_bf16_suite_says_so_in_every_report(store, suite_recorder, tmp_path):
+    from pipelines.comparison import compare, format_table
+
+    client, exp_id = tracking.setup("unit-bf16")
+    recorder = suite_recorder(client, exp_id)
+    labels = _labels()
+    pid = recorder.parent(["baseline", "text_only"], [1])
+    recorder.finish(pid, [recorder.child(pid, a, 1, labels, labels + np.random.default_rng(i).normal(0, 1, N_TEST),
+                                         params={"train.precision": "bf16"})
+                          for i, a in enumerate(("baseline", "text_only"))])
+    c = compare(client, exp_id, suite_run_id=pid, out_dir=tmp_path / "out")
+    assert c.precision == "bf16" and "trained in bf16" in format_table(c).splitlines()[0]
+    assert "· precision bf16" in c.paths["comparison.md"].read_text()
+    assert "precision bf16" in c.paths["report.html"].read_text()
+    assert set(pd.read_csv(c.paths["comparison.csv"])["precision"]) == {"bf16"}
