@@ -317,6 +317,7 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(tmp_path, store):
     assert "worker died" in dead_run.data.tags["error"]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_whose_worker_process_ended_here_is_retried_at_once(tmp_path, store):
     """SIGKILL or out of memory on this machine: no wait for the heartbeat grace (180 s here)."""
     import subprocess
