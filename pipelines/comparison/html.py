@@ -188,7 +188,7 @@ def to_html(c: Comparison) -> str:
             for a, r in c.table.iterrows()]
     header = ["ablation", "n"] + [x for m in KEY_METRICS for x in (f"{m} (mean ± std)", f"Δ {m} [95% CI]")]
     parts.append(_html_table(header, rows))
-    parts.append(f'<p class="note">{html.escape(legend())} Test used: {html.escape(c.test)}</p>')
+    parts.append(f'<p class="note">{html.escape(legend(c.baseline))} Test used: {html.escape(c.test)}</p>')
     special = special_tests(c)
     if special:
         parts.append('<p class="note">Rows not paired on every seed: ' + html.escape("; ".join(special)) + "</p>")

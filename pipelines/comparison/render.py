@@ -56,8 +56,9 @@ def direction(m: str) -> str:
     return "higher is better" if HIGHER_IS_BETTER[m] else "lower is better"
 
 
-def legend() -> str:
-    return (f"{BETTER} better / {WORSE} worse than the baseline in the metric's own direction (MAE: lower is "
+def legend(baseline: str = "baseline") -> str:
+    against = "the baseline" if baseline == "baseline" else f"'{baseline}' (the baseline here)"
+    return (f"{BETTER} better / {WORSE} worse than {against} in the metric's own direction (MAE: lower is "
             f"better): the 95% interval of the difference excludes 0. {SAME}: the interval contains 0, not "
             "distinguishable from noise (so does one that prints as [+0.000, +0.000]).")
 
@@ -87,7 +88,7 @@ def format_table(c: Comparison) -> str:
             delta = "" if row["role"] == "baseline" else f" {signed(row[f'{m}_delta'])} {row[f'{m}_mark']}"
             cells.append(f"{(mean_std(row, m) + delta).rstrip():<{cell_width}}")
         lines.append(f"{ablation:<20} {n_runs(row):>2}  " + "".join(cells).rstrip())
-    lines.append(legend())
+    lines.append(legend(c.baseline))
     lines.append("Intervals: paired bootstrap over test samples, runs paired by seed "
                  "(comparison.md says exactly how).")
     lines += [f"  {line}" for line in special_tests(c)]
@@ -129,7 +130,7 @@ def to_markdown(c: Comparison) -> str:
     out += _md_table(["ablation", "test", *(f"Δ {m}" for m in KEY_METRICS)], rows) + [""]
     out += _md_modalities(c)
     out += ["## How to read", "",
-            f"- {legend()}",
+            f"- {legend(c.baseline)}",
             f"- Test used: {c.test}",
             ("- Every figure here is on the test split, touched once per run; each run's checkpoint was selected "
              "on the validation split (best validation Corr). n is the number of finished seeds; std uses ddof=1."),

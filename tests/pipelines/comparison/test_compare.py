@@ -300,6 +300,21 @@ def test_a_bf16_suite_says_so_in_every_report(store, suite_recorder, tmp_path):
                           for i, a in enumerate(("baseline", "text_only"))])
     c = compare(client, exp_id, suite_run_id=pid, out_dir=tmp_path / "out")
     assert c.precision == "bf16" and "trained in bf16" in format_table(c).splitlines()[0]
+    assert "worse than the baseline in the metric's own direction" in format_table(c)
     assert "· precision bf16" in c.paths["comparison.md"].read_text()
     assert "precision bf16" in c.paths["report.html"].read_text()
     assert set(pd.read_csv(c.paths["comparison.csv"])["precision"]) == {"bf16"}
+
+
+def test_the_legend_names_the_ablation_compared_against(store, suite_recorder, tmp_path):
+    from pipelines.comparison import compare, format_table
+
+    client, exp_id = tracking.setup("unit-nobaseline")
+    recorder = suite_recorder(client, exp_id)
+    labels = _labels()
+    pid = recorder.parent(["tfn", "text_only"], [1])
+    recorder.finish(pid, [recorder.child(pid, a, 1, labels, labels + np.random.default_rng(i).normal(0, 1, N_TEST))
+                          for i, a in enumerate(("tfn", "text_only"))])
+    c = compare(client, exp_id, suite_run_id=pid, out_dir=tmp_path / "out")
+    assert "worse than 'tfn' (the baseline here) in the metric's own direction" in format_table(c)
+    assert "than 'tfn' (the baseline here)" in c.paths["comparison.md"].read_text()
