@@ -98,7 +98,7 @@ def write_reports(c: Comparison, out_dir: Path) -> dict[str, Path]:
     paths = {name: out_dir / name for name in REPORT_FILES}
     # The CSV travels alone: every row says what data its figures come from.
     c.table.assign(data="SYNTHETIC (not a MOSI result)" if c.synthetic else "real", precision=c.precision).to_csv(
-        paths["comparison.csv"], encoding="utf-8")
+        paths["comparison.csv"], encoding="utf-8", float_format="%.10g")  # 0.1793, not 0.17930000000000001
     paths["comparison.md"].write_text(to_markdown(c), encoding="utf-8")
     paths["report.html"].write_text(to_html(c), encoding="utf-8")
     return paths

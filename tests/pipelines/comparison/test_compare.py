@@ -171,6 +171,7 @@ def test_outputs_are_written_and_logged_on_the_parent_run(made):
     csv = pd.read_csv(c.paths["comparison.csv"])
     assert list(csv["ablation"]) == [*ORDER, "oracle"]
     assert set(csv["data"]) == {"SYNTHETIC (not a MOSI result)"}                # the file may travel alone
+    assert not re.search(r"\d\.\d*(0{7}|9{7})\d", c.paths["comparison.csv"].read_text())  # no float noise
     for m in METRIC_NAMES:
         for stat in ("mean", "std", "n", "delta", "ci_low", "ci_high", "mark"):
             assert f"{m}_{stat}" in csv.columns
