@@ -8,6 +8,7 @@ interrupt, re-trains only what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ from msa.training import fit
 from pipelines import claims, tracking
 from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, search_view, trial_config, trial_score
 from pipelines.tuning.spec import TuneSpec
-from pipelines.tuning.storage import StorageSettings, open_storage
+from pipelines.tuning.storage import StorageSettings, open_storage, storage_label
 
 PREFIX = "confirm"  # study attribute `confirm:<trial>:<seed>` -> {"value": ..., "mlflow_run_id": ...}
 
@@ -163,8 +164,15 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) ->
     return job.trial, job.seed, value
 
 
+def pair_key(study: str, trial: int, seed: int, storage: str | None) -> str:
+    """The `run_key` of a (trial, seed) re-training: its study, named and where it lives (two storages
+    may each hold a study of that name)."""
+    where = hashlib.sha256(storage_label(storage).encode()).hexdigest()[:12]
+    return f"{PREFIX}:{study}@{where}:{trial}:{seed}"
+
+
 def _key(job: ConfirmJob) -> str:
-    return f"{PREFIX}:{job.study}:{job.trial}:{job.seed}"
+    return pair_key(job.study, job.trial, job.seed, job.storage)
 
 
 def _claim(job: ConfirmJob, client: MlflowClient, config, emit: Emit, line: str) -> str | float:
@@ -206,4 +214,4 @@ def describe(choice: Choice, metric: str) -> str:
             f"({how}; search value {choice.trial.value:.4f})")
 
 
-__all__ = ["Choice", "ConfirmJob", "choose", "pending", "retrain", "top_trials", "seed_values", "describe"]
+__all__ = ["Choice", "ConfirmJob", "choose", "pending", "retrain", "pair_key", "top_trials", "seed_values", "describe"]

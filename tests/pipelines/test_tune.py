@@ -493,7 +493,8 @@ def test_a_pair_another_session_is_retraining_is_waited_for_not_trained_twice(tm
     spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 1, seeds: [8]}\n"))
     client, exp_id = tracking.setup("tune-unit")
     other = client.create_run(exp_id, run_name="confirm-0-seed-8", tags={
-        "run_key": "confirm:unit-quick:0:8", "confirm_trial": "0", "confirm_seed": "8", **claims.claim_tags()})
+        "run_key": confirm.pair_key("unit-quick", 0, 8, None), "confirm_trial": "0", "confirm_seed": "8",
+        **claims.claim_tags()})
     other_id = other.info.run_id
 
     def the_other_session_finishes():
