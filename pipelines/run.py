@@ -151,6 +151,7 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir() or out.is_dir():
         raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
+    check_writable_dir(out.parent, "--out")  # found now, not after the model has predicted
     data = prepare(args.data, quick=args.quick, partial=True)
     try:
         done = stage.predict_data(args.model, data, args.split)

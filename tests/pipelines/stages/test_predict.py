@@ -2,6 +2,7 @@
 
 import os
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -181,3 +182,18 @@ def test_constant_labels_give_a_note_not_a_python_warning(at, capsys):
     assert "test (1 sample): " in out and "Corr nan" in out
     assert "note: Corr is undefined (nan) on test: its labels or the model's predictions are all the same" in out
     assert [str(w.message) for w in raised if "Corr" in str(w.message)] == []   # no Python warning line
+
+
+def test_an_unwritable_out_folder_is_one_line_before_anything_is_loaded(at, capsys, monkeypatch):
+    import pipelines.errors
+
+    folder = at["tmp"] / "locked"
+    folder.mkdir(exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(pipelines.errors.os, "access",        # as for another user: root may write anywhere
+                        lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    monkeypatch.setattr("pipelines.stages.predict.predict_data",
+                        lambda *a, **k: pytest.fail("predicted before the --out check"))
+    assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
+                 "--out", str(folder / "p.csv")]) == 2
+    assert capsys.readouterr().err == f"error: --out {folder}: {folder} is not writable by this user\n"
