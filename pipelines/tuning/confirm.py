@@ -75,7 +75,7 @@ def seed_values(study: optuna.Study, trial: FrozenTrial, spec: TuneSpec) -> dict
     elif len(spec.seeds) == 1:
         values[spec.seeds[0]] = float(trial.value)
     for seed in spec.confirm.seeds:
-        found = study.user_attrs.get(f"{PREFIX}:{trial.number}:{seed}")
+        found = study.user_attrs.get(attr_key(trial.number, seed))
         if found is not None:
             values[seed] = float(found["value"])
     return values
@@ -120,7 +120,7 @@ def pending(study: optuna.Study, spec: TuneSpec, setup: TrialSetup, storage: str
     return [ConfirmJob(t.number, seed, dict(t.user_attrs["override"]), setup, storage, spec.storage,
                        study.study_name, where)
             for t in top_trials(study, spec.confirm.top) for seed in spec.confirm.seeds
-            if f"{PREFIX}:{t.number}:{seed}" not in study.user_attrs]
+            if attr_key(t.number, seed) not in study.user_attrs]
 
 
 def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) -> tuple[int, int, float]:
@@ -159,9 +159,14 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) ->
         emit({"event": "trial", "line": f"{line} FAILED {type(e).__name__}: {e}"})
         return job.trial, job.seed, math.nan
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings))
-    study.set_user_attr(f"{PREFIX}:{job.trial}:{job.seed}", {"value": value, "mlflow_run_id": run_id or None})
+    study.set_user_attr(attr_key(job.trial, job.seed), {"value": value, "mlflow_run_id": run_id or None})
     emit({"event": "trial", "line": f"{line} val {job.setup.metric} {value:.4f}"})
     return job.trial, job.seed, value
+
+
+def attr_key(trial: int, seed: int) -> str:
+    """The study attribute holding a (trial, seed) re-training's value."""
+    return f"{PREFIX}:{trial}:{seed}"
 
 
 def pair_key(study: str, trial: int, seed: int, storage: str | None) -> str:
@@ -197,9 +202,8 @@ def _claim(job: ConfirmJob, client: MlflowClient, config, emit: Emit, line: str)
         if done is not None:  # FINISHED there: its value, in the study too (its writer may not be there yet)
             value = float(done.data.metrics.get("objective", math.nan))
             study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage, job.settings))
-            if math.isfinite(value) and f"{PREFIX}:{job.trial}:{job.seed}" not in study.user_attrs:
-                study.set_user_attr(f"{PREFIX}:{job.trial}:{job.seed}",
-                                    {"value": value, "mlflow_run_id": done.info.run_id})
+            if math.isfinite(value) and attr_key(job.trial, job.seed) not in study.user_attrs:
+                study.set_user_attr(attr_key(job.trial, job.seed), {"value": value, "mlflow_run_id": done.info.run_id})
             return value
         # its process died or the run failed: try it here
 
@@ -214,4 +218,5 @@ def describe(choice: Choice, metric: str) -> str:
             f"({how}; search value {choice.trial.value:.4f})")
 
 
-__all__ = ["Choice", "ConfirmJob", "choose", "pending", "retrain", "pair_key", "top_trials", "seed_values", "describe"]
+__all__ = ["Choice", "ConfirmJob", "choose", "pending", "retrain", "attr_key", "pair_key", "top_trials", "seed_values",
+           "describe"]

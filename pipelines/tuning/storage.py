@@ -66,7 +66,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             started = t.datetime_start.timestamp() if t.datetime_start else 0.0
             if (now - max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started) > self.grace_period
-                    or claims.process_ended(t.user_attrs.get(claims.CLAIM_PROCESS, ""))):
+                    or _process_ended(t)):
                 stale.append(trial_id(t))
         return stale
 
@@ -77,6 +77,11 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self.stale_trial_callback
 
     get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the name Optuna < 4.9 asks for
+
+
+def _process_ended(trial: FrozenTrial) -> bool:
+    """The trial's worker process ran on this machine and has ended (see `claims.process_ended`)."""
+    return claims.process_ended(trial.user_attrs.get(claims.CLAIM_PROCESS, ""))
 
 
 class OnDeadTrial:
@@ -94,7 +99,7 @@ class OnDeadTrial:
                 client = MlflowClient(tracking.tracking_uri())
                 run = client.get_run(run_id)
                 reason = (f"worker died: its process ({trial.user_attrs.get('worker')}) has ended"
-                          if claims.process_ended(trial.user_attrs.get(claims.CLAIM_PROCESS, ""))
+                          if _process_ended(trial)
                           else f"worker died: no heartbeat for over {self.grace_period} s")
                 if run.info.status == RunStatus.RUNNING:
                     client.set_tag(run_id, "optuna_state", TrialState.FAIL.name)
