@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipelines.executor import current_job_key
+from pipelines.executor import current_job_key, interrupt_point
 from pipelines.status import RunStatus
 
 GRACE_ENV = "MSA_CLAIM_GRACE_S"
@@ -243,6 +243,7 @@ def wait_for(client: MlflowClient, experiment_id: str, keys: list[str], *, poll:
                 done[key] = taken.run if taken else None
                 pending.remove(key)
         if pending:
+            interrupt_point()
             time.sleep(poll)
     return done
 

@@ -5,8 +5,8 @@ as Dask worker events on a topic of the call's own, so calls sharing a cluster n
 other's. A worker that dies has its task run again on another worker, up to the scheduler's
 `distributed.scheduler.allowed-failures` (3 by default); past that, the job is `lost` and the others
 go on. A stop (Ctrl-C, SIGTERM in the caller) marks the call stopped on every worker, so that its
-queued jobs return at once, and raises `Interrupted` in the threads running its jobs, which record
-themselves KILLED as they unwind.
+queued jobs return at once and its running jobs raise `Interrupted` at their next
+`executor.interrupt_point` (the end of an epoch), recording themselves KILLED as they unwind.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from typing import Any, NamedTuple
 
-from pipelines.executor import Emit, Engine, EngineError, Interrupted, Work, set_job_key
+from pipelines.executor import Emit, Engine, EngineError, Work, set_job_key
 
 STOP_WAIT_S = 60          # how long a stop waits for running jobs to record themselves KILLED
 WORKERS_WAIT_S = 60       # how long a call on a running cluster waits for its first worker
@@ -203,9 +203,7 @@ def _drain(events: queue.Queue, on_event: Emit, block: float = 0.0) -> None:
 
 # --- inside a worker process ------------------------------------------------------------------------
 
-_LOCK = threading.Lock()
-_STOPPED: set[str] = set()                 # calls that were stopped: their queued jobs never start
-_RUNNING: dict[str, set[int]] = {}         # call -> ids of the threads running its jobs
+_STOPPED: set[str] = set()  # calls that were stopped: their queued jobs never start, running ones unwind
 
 
 def dask_setup(worker) -> None:
@@ -238,22 +236,15 @@ def _run_job(work: Work, job: Any, setup: Callable[[], Any], threads: Callable[[
 
     adaptive_malloc()
     worker = get_worker()
-    ident = threading.get_ident()
-    with _LOCK:
-        if token in _STOPPED:
-            return NOT_STARTED
+    if token in _STOPPED:
+        return NOT_STARTED
     try:
-        try:
-            with _LOCK:
-                _RUNNING.setdefault(token, set()).add(ident)
-            set_job_key(str(worker.get_current_task()))
-            return work(job, setup(), threads() if threads else None, partial(_emit, worker, token))
-        finally:
-            set_job_key(None)
-            with _LOCK:
-                _RUNNING.get(token, set()).discard(ident)
+        set_job_key(str(worker.get_current_task()), stopped=lambda: token in _STOPPED)
+        return work(job, setup(), threads() if threads else None, partial(_emit, worker, token))
     except KeyboardInterrupt:  # recorded KILLED by the job; raised on, it would end the worker process
         return INTERRUPTED
+    finally:
+        set_job_key(None)
 
 
 def _emit(worker, token: str, event: dict[str, Any]) -> None:
@@ -262,10 +253,7 @@ def _emit(worker, token: str, event: dict[str, Any]) -> None:
 
 
 def _stop(token: str) -> None:
-    with _LOCK:
-        _STOPPED.add(token)
-        for ident in _RUNNING.get(token, ()):
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(Interrupted))
+    _STOPPED.add(token)
 
 
 __all__ = ["run_on_dask", "connect", "cluster_devices", "dask_setup", "NOT_STARTED", "INTERRUPTED"]

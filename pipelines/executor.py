@@ -34,8 +34,8 @@ SCHEDULER_ENV = "MSA_SCHEDULER"  # tcp://HOST:PORT of a Dask scheduler, as --sch
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by the SIGTERM handler (and in Dask workers on a stop), so that a terminated job unwinds
-    (and records itself) as on Ctrl-C."""
+    """Raised by the SIGTERM handler (and by `interrupt_point` in a job asked to stop), so that a
+    terminated job unwinds (and records itself) as on Ctrl-C."""
 
 
 class EngineError(UserError):
@@ -132,8 +132,19 @@ def current_job_key() -> str | None:
     return getattr(_JOB, "key", None)
 
 
-def set_job_key(key: str | None) -> None:
-    _JOB.key = key
+def set_job_key(key: str | None, stopped: Callable[[], bool] | None = None) -> None:
+    """Name the job this thread runs (None when it ends); `stopped` says whether it was asked to stop."""
+    _JOB.key, _JOB.stopped = key, stopped
+
+
+def interrupt_point() -> None:
+    """Raise Interrupted here when the job this thread runs was asked to stop. Jobs call it between
+    epochs and while they wait: on a Dask worker they run in a thread that no signal reaches, and an
+    exception injected into a thread (PyThreadState_SetAsyncExc) is not safe: on Python 3.11 it can
+    land in a thread that one is just starting (its claim's heartbeat, say), killing that one instead."""
+    stopped = getattr(_JOB, "stopped", None)
+    if stopped is not None and stopped():
+        raise Interrupted("stopped")
 
 
 def run_jobs(jobs: Sequence[Job], work: Work, *, setup: Callable[[], Any], workers: int, on_event: Emit,
@@ -183,4 +194,4 @@ def _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engin
 
 __all__ = ["run_jobs", "Engine", "EngineError", "Interrupted", "install_sigterm_handler", "default_workers",
            "PARALLEL_WORK",
-           "threads_per_worker", "describe", "current_job_key", "set_job_key", "SCHEDULER_ENV"]
+           "threads_per_worker", "describe", "current_job_key", "set_job_key", "interrupt_point", "SCHEDULER_ENV"]

@@ -33,6 +33,7 @@ from msa.data import MOSIData
 from msa.models import tracing_mode
 from msa.training import fit
 from pipelines import claims, tracking
+from pipelines.executor import interrupt_point
 from pipelines.stages.evaluate import evaluate
 from pipelines.stages.prepare import prepare
 from pipelines.status import RunStatus
@@ -170,6 +171,7 @@ def _train_evaluate_log(client: MlflowClient, run_id: str, task: RunTask, data: 
     log_epoch = tracking.EpochLogger(client, run_id, tensorboard_dir=tb_dir, select_key=cfg.train.select_key)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        interrupt_point()
         check_claim()
         log_epoch(epoch, metrics)
         if progress:

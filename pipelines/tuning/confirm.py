@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from msa.data import MOSIData
 from msa.training import fit
 from pipelines import claims, tracking
+from pipelines.executor import interrupt_point
 from pipelines.tuning.objective import Emit, TrialSetup, TrialTracking, search_view, trial_config, trial_score
 from pipelines.tuning.spec import TuneSpec
 from pipelines.tuning.storage import StorageSettings, open_storage, storage_label
@@ -139,6 +140,7 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) ->
         beat = claims.Heartbeat(client, run_id, experiment_id=job.where.experiment_id, run_key=_key(job))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        interrupt_point()
         if log_epoch is not None:
             log_epoch(epoch, metrics)
             beat.check()  # another session judged this claim dead and took the pair: stop

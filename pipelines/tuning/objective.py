@@ -28,6 +28,7 @@ from msa.data import MOSIData
 from msa.metrics import is_better
 from msa.training import fit
 from pipelines import claims, tracking
+from pipelines.executor import interrupt_point
 from pipelines.spec import Spec
 from pipelines.status import RunStatus
 from pipelines.tuning.spec import Param, TuneSpec
@@ -201,6 +202,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, data: MOSIData, setup: 
 
         def on_epoch(epoch: int, metrics: dict[str, float], first_step: int = i * setup.epochs) -> bool:
             nonlocal best
+            interrupt_point()
             step = first_step + epoch  # steps run on across seeds, the same for every trial
             if run is not None:
                 run.log_epoch(step, metrics)

@@ -139,3 +139,69 @@ def test_a_suite_too_small_to_repay_starting_workers_runs_in_one_with_every_core
     assert default_workers(13) == min(cores, 13)                        # nothing known of the work: as before
     assert default_workers(13, work=PARALLEL_WORK - 1) == 1
     assert default_workers(13, work=PARALLEL_WORK) == min(cores, 13)
+
+
+class _Worker:
+    """What `cluster._run_job` asks of the Dask worker it runs in."""
+
+    def get_current_task(self):
+        return "msa-test-0"
+
+    def log_event(self, topic, event):
+        pass
+
+
+def test_a_stopped_job_ends_at_its_next_interrupt_point_and_no_other_thread_is_hit(monkeypatch):
+    """A stop reaches a job running in a worker thread (which no signal reaches) at its next
+    interrupt point. Nothing is injected into threads: on Python 3.11 an exception aimed at the job's
+    thread could land in a thread the job was just starting (its heartbeat) and kill that one."""
+    import sys
+    import threading
+    import time
+
+    import distributed
+
+    from pipelines import cluster
+    from pipelines.executor import current_job_key, interrupt_point
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: _Worker())
+    hit = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: hit.append(u.exc_type))
+    monkeypatch.setattr(threading, "excepthook", lambda a: hit.append(a.exc_type))
+    points = []
+
+    def work(token, resources, threads, emit):
+        while True:  # like a run: threads started as it goes, an interrupt point after each "epoch"
+            helper = threading.Thread(target=lambda: None, daemon=True)
+            helper.start()
+            helper.join()
+            points.append(current_job_key())
+            interrupt_point()
+
+    for i in range(30):
+        token, outcome = f"msa-stop-{i}", []
+        job = threading.Thread(target=lambda t=token, o=outcome: o.append(cluster._run_job(work, t, dict, None, t)),
+                               daemon=True)
+        job.start()
+        time.sleep(0.002 * (i % 5))
+        cluster._stop(token)
+        job.join(timeout=10)
+        assert not job.is_alive() and outcome == [cluster.INTERRUPTED]
+    assert hit == [] and set(points) == {"msa-test-0"} and current_job_key() is None
+    # A queued job of a stopped call never starts.
+    assert cluster._run_job(work, "late", dict, None, "msa-stop-0") is cluster.NOT_STARTED
+
+
+def test_interrupt_point_is_a_no_op_outside_a_stopped_job():
+    from pipelines.executor import Interrupted, interrupt_point, set_job_key
+
+    interrupt_point()  # no job in this thread
+    set_job_key("k", stopped=lambda: False)
+    try:
+        interrupt_point()
+        set_job_key("k", stopped=lambda: True)
+        with pytest.raises(Interrupted):
+            interrupt_point()
+    finally:
+        set_job_key(None)
+    interrupt_point()
