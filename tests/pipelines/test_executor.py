@@ -2,11 +2,16 @@
 
 import os
 import signal
+import sys
+import threading
+import time
 
 import dask
+import distributed
 import pytest
 
-from pipelines.executor import Engine, describe, run_jobs
+from pipelines import cluster
+from pipelines.executor import Engine, Interrupted, current_job_key, describe, interrupt_point, run_jobs, set_job_key
 
 
 class Setup:
@@ -155,15 +160,6 @@ def test_a_stopped_job_ends_at_its_next_interrupt_point_and_no_other_thread_is_h
     """A stop reaches a job running in a worker thread (which no signal reaches) at its next
     interrupt point. Nothing is injected into threads: on Python 3.11 an exception aimed at the job's
     thread could land in a thread the job was just starting (its heartbeat) and kill that one."""
-    import sys
-    import threading
-    import time
-
-    import distributed
-
-    from pipelines import cluster
-    from pipelines.executor import current_job_key, interrupt_point
-
     monkeypatch.setattr(distributed, "get_worker", lambda: _Worker())
     hit = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: hit.append(u.exc_type))
@@ -193,8 +189,6 @@ def test_a_stopped_job_ends_at_its_next_interrupt_point_and_no_other_thread_is_h
 
 
 def test_interrupt_point_is_a_no_op_outside_a_stopped_job():
-    from pipelines.executor import Interrupted, interrupt_point, set_job_key
-
     interrupt_point()  # no job in this thread
     set_job_key("k", stopped=lambda: False)
     try:
