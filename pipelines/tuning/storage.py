@@ -86,8 +86,8 @@ def _process_ended(trial: FrozenTrial) -> bool:
 
 class OnDeadTrial:
     """Called on a trial failed for want of heartbeats: mark its MLflow run FAILED (its worker cannot)
-    and its session's run KILLED if that is still RUNNING (the session died with it), then re-queue its
-    parameters with Optuna's retry callback, up to `max_retry` times."""
+    and its session's run KILLED if that is still RUNNING without a live claim (the session died with
+    it), then re-queue its parameters with Optuna's retry callback, up to `max_retry` times."""
 
     def __init__(self, max_retry: int, grace_period: int):
         self.max_retry, self.grace_period = max_retry, grace_period
@@ -106,7 +106,10 @@ class OnDeadTrial:
                     client.set_tag(run_id, "error", reason)
                     client.set_terminated(run_id, RunStatus.FAILED)
                 parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
-                if parent and client.get_run(parent).info.status == RunStatus.RUNNING:
+                session = client.get_run(parent) if parent else None
+                # A worker of a live session (tune --workers N) can die alone: its session goes on.
+                if (session is not None and session.info.status == RunStatus.RUNNING
+                        and not claims.is_live(session)):
                     client.set_tag(parent, "error", f"session died: trial {trial.number}'s {reason}")
                     client.set_terminated(parent, RunStatus.KILLED)
             except Exception as e:  # another tracking store, or none reachable: the study is still right
@@ -143,7 +146,11 @@ def open_storage(storage: str | None, settings: StorageSettings = StorageSetting
                               grace_period=settings.grace_period, **{callback_arg: on_dead})
     path = Path(storage) if storage is not None else default_storage_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return HeartbeatJournalStorage(JournalFileBackend(str(path)), settings, on_dead)
+    try:  # the journal is read whole here
+        return HeartbeatJournalStorage(JournalFileBackend(str(path)), settings, on_dead)
+    except (ValueError, KeyError) as e:  # a line that is not JSON, or not one of Optuna's operations
+        raise StoreError(f"study storage {path}: a line in it is not Optuna's ({type(e).__name__}: {e}); mend "
+                         "or remove that line, or move the file away") from None
 
 
 def check_storage(storage: str | None) -> None:
@@ -159,7 +166,7 @@ def check_storage(storage: str | None) -> None:
 
         try:
             engine = sqlalchemy.create_engine(storage)
-        except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as e:
+        except (ImportError, ValueError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as e:
             hint = ' (pip install "psycopg[binary]")' if storage.startswith("postgres") else ""
             raise StoreError(f"study storage {label}: cannot be opened: {type(e).__name__}: {e}{hint}") from None
         try:

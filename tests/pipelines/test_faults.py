@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipelines import cores, tracking, tune
+from pipelines import claims, cores, tracking, tune
 from pipelines.run import main
-from pipelines.tuning.storage import trial_id
+from pipelines.tuning.storage import OnDeadTrial, trial_id
 
 TINY = "experiment: unit\nseeds: [7]\nbase:\n  model: {hidden: 8, heads: 2, ff_dim: 16}\nablations:\n"
 
@@ -104,6 +104,28 @@ def test_a_study_whose_session_died_completes_on_the_next_run(tmp_path, store):
     assert done.best is not None and done.best.number == 1
     assert client.get_run(trial_run).info.status == "FAILED"
     killed = client.get_run(session)                                  # the dead session's run is not left RUNNING
+    assert killed.info.status == "KILLED" and "session died" in killed.data.tags["error"]
+
+
+def test_a_dead_worker_of_a_live_session_leaves_the_session_running(store):
+    client, exp_id = tracking.setup("unit")
+    session = tracking.start_run(client, exp_id, "tune s", tags={"tune_study": "s", **claims.claim_tags()})
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+
+    def dead_trial():                        # a trial whose worker process died mid-run
+        run_id = tracking.start_run(client, exp_id, "trial", tags={"optuna_trial": "0"}, parent_run_id=session)
+        study.ask().set_user_attr("mlflow_run_id", run_id)
+        return run_id, study.trials[-1]
+
+    run_id, trial = dead_trial()
+    OnDeadTrial(max_retry=0, grace_period=1)(study, trial)      # tune --workers 2: one worker died
+    assert client.get_run(run_id).info.status == "FAILED"
+    alive = client.get_run(session)
+    assert alive.info.status == "RUNNING" and "error" not in alive.data.tags
+    client.set_tag(session, claims.HEARTBEAT, f"{time.time() - 3600:.3f}")   # the session stopped beating
+    run_id, trial = dead_trial()
+    OnDeadTrial(max_retry=0, grace_period=1)(study, trial)
+    killed = client.get_run(session)
     assert killed.info.status == "KILLED" and "session died" in killed.data.tags["error"]
 
 
