@@ -74,6 +74,8 @@ def _validate(obj: Any) -> None:
 
 
 def _from_dict(cls, values: Mapping[str, Any] | None):
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(f"{cls.__name__} takes a mapping of field -> value, got {values!r}.")
     values = dict(values or {})
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(allowed))

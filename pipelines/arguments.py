@@ -51,4 +51,11 @@ def name_value(text: str) -> str:
                                          f"with a symbol), got {text!r}") from None
 
 
-__all__ = ["positive_int", "seed_value", "positive_seconds", "name_value"]
+def path_value(text: str) -> str:
+    """A file path: an empty one (`--spec ""`, an unset shell variable) is a mistake, not the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a file path, got an empty one")
+    return text
+
+
+__all__ = ["positive_int", "seed_value", "positive_seconds", "name_value", "path_value"]

@@ -39,6 +39,13 @@ def engine_from_args(args: argparse.Namespace, *, optuna_storage: str | None = N
     except devices.DeviceError as e:
         raise EngineError(str(e)) from None
     origin = "--scheduler" if args.scheduler else SCHEDULER_ENV
+    from distributed.comm import get_address_host_port
+
+    try:
+        get_address_host_port(scheduler)
+    except ValueError as e:  # distributed's own words: an unknown scheme, no port
+        raise EngineError(f"{origin} {scheduler}: not a scheduler address ({e}); expected tcp://HOST:PORT, as "
+                          "`dask scheduler` prints it") from None
     if tracking.is_local_store():
         raise EngineError(f"{origin} {scheduler}: Dask workers cannot write to this machine's SQLite store "
                           f"({tracking.tracking_uri()}); set MLFLOW_TRACKING_URI to a tracking server they all "

@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipelines.arguments import name_value, positive_int, positive_seconds, seed_value
+from pipelines.arguments import name_value, path_value, positive_int, positive_seconds, seed_value
 from pipelines.engine_options import add_engine_options, engine_from_args
 from pipelines.errors import UserError, check_writable_dir
 
 EXIT_USER_ERROR = 2
+EXIT_SYSTEM_ERROR = 1  # the machine's fault, not the command's: a full disk, a folder made read-only meanwhile
 REPORTS = Path("reports")  # where comparisons are written, below the working folder
 EXIT_INTERRUPTED = 130
 
@@ -75,7 +76,8 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
                        description="Run prepare -> train -> evaluate -> compare for every (ablation, seed) of "
                                    "the spec, recording each run in MLflow. Runs already FINISHED in the store "
                                    "are skipped; an interrupted suite finishes what is missing when re-run.")
-    p.add_argument("--spec", metavar="FILE", help="pipeline spec (default: pipelines/specs/ablations.yaml)")
+    p.add_argument("--spec", type=path_value, metavar="FILE",
+                   help="pipeline spec (default: pipelines/specs/ablations.yaml)")
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the spec's, synthetic)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="only these ablations (names from the spec, or improved_tuned once `tune` has run)")
@@ -83,8 +85,8 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, metavar="N", help="epochs per run (default: the spec's, 20)")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="parallel worker processes (default: one per core, cores split between them, unless "
-                        "the suite is too small to repay starting them: then one, with every core; with "
-                        "--scheduler the cluster's workers)")
+                        "the suite is too small to repay starting them: then one, with every core; on a GPU, "
+                        "--gpu-slots; with --scheduler the cluster's workers)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: 2 epochs, one seed, and small synthetic data with the real dims "
                         "(a --data file is used whole)")
@@ -98,9 +100,9 @@ def _add_ablations(sub: argparse._SubParsersAction) -> None:
 def _check_outputs(reports: Path, storage: str | None = None, *, study: bool = False) -> None:
     """Everything a command will write to, checked before it loads data or creates anything: the
     tracking store, the report folder, and the study storage for `tune`."""
-    from pipelines import tracking
+    from pipelines.store_check import check_store
 
-    tracking.check_store()
+    check_store()
     check_writable_dir(reports, "report folder")
     if study:
         from pipelines.tuning import check_storage
@@ -128,15 +130,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a suite's ablations with the baseline (no training)",
-                       description="Rebuild the comparison of the latest suite (or --suite) from the tracking "
-                                   "store alone: a table on the terminal, and comparison.csv, comparison.md and "
+                       description="Rebuild the comparison of the `ablations` suite that ran last (or --suite) "
+                                   "from the tracking store alone: a table on the terminal, and comparison.csv, "
+                                   "comparison.md and "
                                    "report.html in reports/<experiment>/<suite label>/ (the latest suite's also in "
                                    "reports/<experiment>/latest/), also logged on the suite's run.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
     p.add_argument("--suite", metavar="RUN_ID|LABEL",
                    help="the suite's parent run id (or its first digits), or its label (its folder under "
-                        "reports/<experiment>/; default: the latest suite)")
-    p.add_argument("--spec", metavar="FILE", help="spec whose experiment is the default (default: ablations.yaml)")
+                        "reports/<experiment>/; default: the `ablations` suite that ran last)")
+    p.add_argument("--spec", type=path_value, metavar="FILE",
+                   help="spec whose experiment is the default (default: ablations.yaml)")
     p.set_defaults(func=_compare)
 
 
@@ -152,9 +156,10 @@ def _predict(args: argparse.Namespace) -> int:
     if not out.parent.is_dir() or out.is_dir():
         raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
     check_writable_dir(out.parent, "--out")  # found now, not after the model has predicted
-    data = prepare(args.data, quick=args.quick, partial=True)
     try:
-        done = stage.predict_data(args.model, data, args.split)
+        found = stage.find_model(args.model)  # before the data: a wrong URI or store is told at once
+        data = prepare(args.data, quick=args.quick, partial=True)
+        done = stage.predict_data(found, data, args.split)
     except stage.PredictError as e:
         raise UserError(str(e)) from None
     synthetic = f"  [{SYNTHETIC_BANNER}]" if data.synthetic else ""
@@ -227,7 +232,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                                    "re-trained on more seeds (the spec's 'confirm'), the best validation mean "
                                    "becomes the ablation 'improved_tuned', trained over the suite's seeds and "
                                    "compared with the baseline and 'improved'. Re-running continues the study.")
-    p.add_argument("--spec", metavar="FILE", help="tune spec (default: pipelines/specs/tune.yaml)")
+    p.add_argument("--spec", type=path_value, metavar="FILE", help="tune spec (default: pipelines/specs/tune.yaml)")
     p.add_argument("--trials", type=positive_int, metavar="N",
                    help="the study's total trials to reach (default: the spec's 50, or 8 with --quick); "
                         "a re-run runs only what is missing, so raise N to search further")
@@ -242,7 +247,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="epochs per trial and per final run (default: the ablations spec's)")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="search loops working on the study together, each a local process or, with "
-                        "--scheduler, a task on the cluster (default 1: reproducible trial by trial)")
+                        "--scheduler, a task on the cluster (default 1: reproducible trial by trial; on a GPU, "
+                        "--gpu-slots)")
     p.add_argument("--quick", action="store_true",
                    help="smoke profile: small synthetic data, 2 epochs per trial, few trials")
     add_engine_options(p)
@@ -296,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (finished runs are kept; run the same command again once "
+              "this is mended)", file=sys.stderr)
+        return EXIT_SYSTEM_ERROR
     except KeyboardInterrupt:
         print("interrupted: runs in flight were recorded as KILLED; finished runs are kept. "
               "Run the same command again to finish only what is missing.", file=sys.stderr)

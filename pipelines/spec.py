@@ -92,9 +92,13 @@ def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a YAML text file (it is not UTF-8); give a spec file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def load_spec(path: str | Path | None = None) -> Spec:
@@ -111,11 +115,12 @@ def parse_spec(raw: Any, path: str) -> Spec:
     if data != "synthetic":  # a relative path is read from the spec's folder, as a tune spec's `ablations` is
         data = str(Path(path).parent / Path(data).expanduser())
     seeds = check_seeds(raw.get("seeds", [1111, 1112, 1113]), path, "seeds")
-    base = check_mapping(raw.get("base") or {}, path, "base", "a mapping with 'model' and/or 'train'")
+    base = optional_mapping(raw.get("base"), path, "base", "a mapping with 'model' and/or 'train'")
+    _check_sections(base, path, "base")
     ablations = raw["ablations"]
     if not isinstance(ablations, Mapping) or not ablations:
         raise SpecError(f"{path}: 'ablations' must be a non-empty mapping of name -> override, got {ablations!r}")
-    quick = check_mapping(raw.get("quick") or {}, path, "quick", f"a mapping with keys {list(QUICK_KEYS)}")
+    quick = optional_mapping(raw.get("quick"), path, "quick", f"a mapping with keys {list(QUICK_KEYS)}")
     check_keys(quick, QUICK_KEYS, path, "'quick'")
     if "seeds" in quick:
         check_seeds(quick["seeds"], path, "quick.seeds")
@@ -124,8 +129,12 @@ def parse_spec(raw: Any, path: str) -> Spec:
     overrides = {}
     for name, override in ablations.items():
         name = check_name(name, path, "ablations", what="an ablation name")
-        overrides[name] = dict(check_mapping(override or {}, path, f"ablations.{name}",
+        if name == TUNED:
+            raise SpecError(f"{path}: 'ablations.{TUNED}': the name is the tuned model's, which `tune` hands "
+                            "over to the suite; call this ablation something else")
+        overrides[name] = dict(optional_mapping(override, path, f"ablations.{name}",
                                              "a mapping with 'model' and/or 'train'"))
+        _check_sections(overrides[name], path, f"ablation '{name}'")
     resolved = {n: _resolve(path, n, base, o) for n, o in overrides.items()}
     return Spec(path=path, experiment=experiment, data=data, seeds=seeds, base=dict(base), ablations=resolved,
                 overrides=overrides, quick=dict(quick))
@@ -168,15 +177,38 @@ def check_mapping(value: Any, path: str, key: str, expected: str) -> Mapping[str
     return value
 
 
-def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[str, Any]) -> RunConfig:
+def optional_mapping(value: Any, path: str, key: str, expected: str) -> Mapping[str, Any]:
+    """A key left out or empty (`base:`) means no settings; any other value must be a mapping."""
+    return {} if value is None else check_mapping(value, path, key, expected)
+
+
+def _check_sections(config: Mapping[str, Any], path: str, where: str) -> None:
     for section in ("model", "train"):
-        if section in override and not isinstance(override[section], Mapping):
-            raise SpecError(f"{path}: ablation '{name}': '{section}' must be a mapping of field -> value, "
-                            f"got {override[section]!r}")
+        if config.get(section) is not None and not isinstance(config[section], Mapping):
+            raise SpecError(f"{path}: {where}: '{section}' must be a mapping of field -> value, "
+                            f"got {config[section]!r}")
+
+
+def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[str, Any]) -> RunConfig:
+    merged = deep_merge(base, override)
     try:
-        return RunConfig.from_dict(deep_merge(base, override))
+        return RunConfig.from_dict(merged)
     except (ConfigError, TypeError) as e:
-        raise SpecError(f"{path}: ablation '{name}': {e}") from None
+        values = [v for section in merged.values() if isinstance(section, Mapping) for v in section.values()]
+        raise SpecError(f"{path}: ablation '{name}': {e}{number_hint(values)}") from None
+
+
+def number_hint(values: Sequence[Any]) -> str:
+    """A hint when a value meant as a number was read by YAML as text: PyYAML takes an exponent
+    without a dot (1e-4) for a string."""
+    for value in values:
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                continue
+            return f" (YAML reads {value} as text: write 1.0e-4, not 1e-4)"
+    return ""
 
 
 def check_top_level(raw: Any, path: str, allowed: Sequence[str], *, required: Sequence[str]) -> None:

@@ -6,7 +6,6 @@ The default store is `./mlruns/mlflow.db` (SQLite) with artifacts in `./mlruns/a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -32,7 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from msa.config import stable_hash
 from msa.data import MOSIData
 from pipelines.cache import seed_sqlite_store
-from pipelines.errors import StoreError, UserError, check_writable_dir
+from pipelines.errors import StoreError
 from pipelines.status import RunStatus
 
 MLRUNS = Path("mlruns")
@@ -83,70 +82,6 @@ for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQ
                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
     os.environ.setdefault(_key, _value)
 SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
-    """The configured tracking store is usable (and writable, with `write`): else a StoreError naming
-    it and what is wrong. Nothing is created or modified. Returns the store's URI."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if path.is_dir():
-            raise StoreError(f"tracking store {path}: is a folder, not an SQLite file")
-        if path.exists():
-            try:
-                with open(path, "rb") as f:
-                    header = f.read(len(SQLITE_HEADER))
-            except OSError as e:
-                raise StoreError(f"tracking store {path}: cannot be read ({e.strerror})") from None
-            if header and header != SQLITE_HEADER:
-                raise StoreError(f"tracking store {path}: is not an SQLite database; move it away, or set "
-                                 "MLFLOW_TRACKING_URI to another store")
-            if write and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
-                raise StoreError(f"tracking store {path}: is read-only (SQLite writes the file and a journal "
-                                 "beside it); make both writable, or set MLFLOW_TRACKING_URI to another store")
-        elif write:
-            try:
-                check_writable_dir(path.parent, "tracking store folder")
-            except UserError as e:
-                raise StoreError(str(e)) from None
-        return uri
-    if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        # MLflow's REST API answers this with JSON: the experiment, or an error code if there is no
-        # 'Default'. Another web server (a wrong port) answers with a page; one that asks for
-        # credentials (401/403) is left to MLflow's client, which sends the user's.
-        probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
-        try:
-            with urllib.request.urlopen(probe, timeout=probe_seconds) as answer:
-                status, body = answer.status, answer.read(65536)
-        except urllib.error.HTTPError as e:
-            status, body = e.code, e.read(65536)
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise StoreError(f"tracking server {uri}: does not answer ({reason}); start it, or set "
-                             "MLFLOW_TRACKING_URI to a reachable store") from None
-        if status not in (401, 403) and not _is_mlflow_answer(body):
-            raise StoreError(f"tracking server {uri}: answers, but not as an MLflow server (HTTP {status} to "
-                             f"{probe.removeprefix(uri.rstrip('/'))}); check the address and port in "
-                             "MLFLOW_TRACKING_URI") from None
-        return uri
-    try:  # a database URI (postgresql://, mysql://): MLflow opens it directly
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoreError(f"tracking store {without_password(uri)}: cannot be used ({first})") from None
-    return uri
-
-
-def _is_mlflow_answer(body: bytes) -> bool:
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(answer, dict) and ("experiment" in answer or "error_code" in answer)
 
 
 def without_password(uri: str) -> str:

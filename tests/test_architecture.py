@@ -12,7 +12,7 @@ LAYERS = [
     ("msa",),
     ("pipelines.status", "pipelines.errors", "pipelines.cache", "pipelines.fast_exit"),
     ("pipelines.tracking", "pipelines.executor", "pipelines.cluster", "pipelines.claims", "pipelines.devices",
-     "pipelines.spec", "pipelines.progress", "pipelines.cores"),
+     "pipelines.store_check", "pipelines.spec", "pipelines.progress", "pipelines.cores"),
     ("pipelines.stages", "pipelines.comparison", "pipelines.parent", "pipelines.registry"),
     ("pipelines.suite",),
     ("pipelines.tuning", "pipelines.tune"),

@@ -18,10 +18,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from msa.metrics import METRIC_NAMES, eval_mosi_regression
-from pipelines import tracking
 from pipelines.comparison.model import CURVE_KEYS, CompareError, RunRecord
 from pipelines.parent import LABEL_TAG, label_of
 from pipelines.status import RunStatus
+from pipelines.store_check import read_client
 
 _USABLE = frozenset(s for s in RunStatus if s.usable)
 
@@ -42,11 +42,8 @@ def open_experiment(name: str | None, *, suite_run_id: str | None = None,
 
     Without a name: the suite run's experiment when a suite is given, else the spec's experiment.
     """
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise CompareError(f"no tracking store at {uri.removeprefix('sqlite:///')}; run `python -m pipelines.run "
-                           "ablations` first, or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(uri)
+    client = read_client()
+    uri = client.tracking_uri
     if name is None and suite_run_id:
         return client, _run_or_error(client, suite_run_id, uri).info.experiment_id
     if name is None:

@@ -28,6 +28,7 @@ from msa.training import predict
 from pipelines import tracking
 from pipelines.registry import describe_tags, logged_model_id
 from pipelines.stages.predict_options import SPLITS, URI_FORMS
+from pipelines.store_check import read_client
 
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
@@ -44,8 +45,25 @@ class Predictions:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve(uri: str, client: MlflowClient) -> tuple[str, str, str | None]:
-    """(a URI MLflow loads, a line saying what the model is, its run id or None) for `uri`.
+@dataclass(frozen=True)
+class FoundModel:
+    asked: str                   # the --model the user gave
+    uri: str                     # a URI MLflow loads
+    described: str               # a line saying what the model is
+    run_id: str | None           # the run that logged it, if it came from a store
+    client: MlflowClient | None  # on that store
+
+
+def find_model(model_uri: str) -> FoundModel:
+    """The model `--model` names, found before any data is loaded: a model folder needs no store, a
+    models:/ or runs:/ URI one that can be read (a StoreError or PredictError when not)."""
+    client = read_client() if model_uri.startswith(("models:/", "runs:/")) else None
+    return FoundModel(model_uri, *resolve(model_uri, client), client)
+
+
+def resolve(uri: str, client: MlflowClient | None) -> tuple[str, str, str | None]:
+    """(a URI MLflow loads, a line saying what the model is, its run id or None) for `uri`; `client`
+    (a store's) is needed for models:/ and runs:/ URIs.
 
     `runs:/<id>/model` keeps working for runs logged since models are named `<ablation>-seed-<n>`:
     it is taken as the run's one logged model."""
@@ -123,11 +141,10 @@ def _pickle_allowed():
             os.environ[PICKLE_ENV] = before
 
 
-def predict_data(model_uri: str, data: MOSIData, split: str = "test", batch_size: int = 256) -> Predictions:
+def predict_data(found: FoundModel, data: MOSIData, split: str = "test", batch_size: int = 256) -> Predictions:
     """Load the model, check its dims against the data, predict every sample of `split` (or all)."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    client = MlflowClient(tracking.tracking_uri())
-    uri, described, run_id = resolve(model_uri, client)
+    uri = found.uri
     names = list(data.splits) if split == "all" else [split]
     missing = [n for n in names if n not in data.splits]
     if missing:
@@ -138,7 +155,7 @@ def predict_data(model_uri: str, data: MOSIData, split: str = "test", batch_size
         with _pickle_allowed():
             model = mlflow.pytorch.load_model(uri, map_location="cpu")
     except (MlflowException, OSError, ModuleNotFoundError) as e:
-        raise PredictError(f"--model {model_uri}: cannot load it ({str(e).splitlines()[0]})") from None
+        raise PredictError(f"--model {found.asked}: cannot load it ({str(e).splitlines()[0]})") from None
 
     frames, metrics, undefined = [], {}, []
     for name in names:
@@ -158,19 +175,19 @@ def predict_data(model_uri: str, data: MOSIData, split: str = "test", batch_size
         table = table.drop(columns="split")
     if "label" in table and table["label"].isna().any():  # some splits labelled, some not
         table["label"] = table["label"].astype(object).where(table["label"].notna(), "")
-    notes = _notes(client, run_id, data, names)
+    notes = _notes(found, data, names)
     if undefined:
         notes.append(f"note: Corr is undefined (nan) on {' and '.join(undefined)}: its labels or the model's "
                      "predictions are all the same value")
-    return Predictions(table, metrics, described, notes)
+    return Predictions(table, metrics, found.described, notes)
 
 
-def _notes(client: MlflowClient, run_id: str | None, data: MOSIData, splits: list[str]) -> list[str]:
+def _notes(found: FoundModel, data: MOSIData, splits: list[str]) -> list[str]:
     """What a person should know to read the numbers: data the model was trained or selected on."""
-    if run_id is None:
+    if found.run_id is None or found.client is None:
         return []
     try:
-        trained_on = client.get_run(run_id).data.tags.get("data_digest")
+        trained_on = found.client.get_run(found.run_id).data.tags.get("data_digest")
     except MlflowException:
         return []
     seen = [s for s in splits if s in ("train", "valid")]
@@ -180,4 +197,5 @@ def _notes(client: MlflowClient, run_id: str | None, data: MOSIData, splits: lis
     return []
 
 
-__all__ = ["SPLITS", "PredictError", "Predictions", "resolve", "signature_dims", "check_dims", "predict_data"]
+__all__ = ["SPLITS", "PredictError", "Predictions", "FoundModel", "find_model", "resolve", "signature_dims",
+           "check_dims", "predict_data"]

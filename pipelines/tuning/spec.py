@@ -7,6 +7,7 @@ and in pairs) must make a valid config of the base ablation, and the sampler and
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import optuna
 from msa.config import ConfigError, ModelConfig, RunConfig, TrainConfig, deep_merge
 from pipelines.errors import UserError
 from pipelines.spec import (
+    SEED_LIMIT,
     Spec,
     SpecError,
     check_keys,
@@ -29,6 +31,8 @@ from pipelines.spec import (
     check_top_level,
     is_int,
     load_spec,
+    number_hint,
+    optional_mapping,
     read_yaml,
 )
 from pipelines.tuning.search import make_pruner, make_sampler
@@ -143,27 +147,29 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
         message = str(e).replace("'select_metric' parameter of TrainConfig", "metric")
         raise SpecError(f"{path}: 'metric': {message}") from None
     seeds = check_seeds(raw.get("seeds", [ablations.seeds[0]]), path, "seeds")
-    quick = check_mapping(raw.get("quick") or {}, path, "quick", "a mapping with key 'trials'")
+    quick = optional_mapping(raw.get("quick"), path, "quick", "a mapping with key 'trials'")
     check_keys(quick, ("trials",), path, "'quick'")
     trials = check_positive_int(raw.get("trials", 50), path, "trials")
     quick_trials = check_positive_int(quick.get("trials", 8), path, "quick.trials")
     study = check_name(raw["study"], path, "study")
     experiment = check_name(raw["experiment"], path, "experiment") if raw.get("experiment") is not None else None
     compare_with = raw.get("compare_with", ["baseline", base])
-    if not isinstance(compare_with, list) or any(n not in ablations.ablations for n in compare_with):
+    if not _names_of(compare_with, ablations):
         raise SpecError(f"{path}: 'compare_with' must list ablations of {ablations_path} "
                         f"({ablations.names}); got {compare_with!r}")
-    sampler = dict(check_mapping(raw.get("sampler") or {}, path, "sampler", "a mapping of TPESampler arguments"))
-    pruner = dict(check_mapping(raw.get("pruner") or {"type": "median"}, path, "pruner",
-                                "a mapping with 'type' and the pruner's arguments"))
+    sampler = dict(optional_mapping(raw.get("sampler"), path, "sampler", "a mapping of TPESampler arguments"))
+    check_sampler(sampler, path)
+    pruner = dict(optional_mapping(raw.get("pruner"), path, "pruner",
+                                   "a mapping with 'type' and the pruner's arguments")) or {"type": "median"}
     spec = TuneSpec(
         path=path, study=study, ablations=str(ablations_path), base=base, experiment=experiment, metric=metric,
         seeds=seeds, trials=trials, quick_trials=quick_trials, sampler=sampler, pruner=pruner,
-        storage=_parse_storage(raw.get("storage") or {}, path), compare_with=tuple(compare_with),
+        storage=_parse_storage(optional_mapping(raw.get("storage"), path, "storage", "a mapping"), path),
+        compare_with=tuple(compare_with),
         space=_parse_space(raw["space"], path), confirm=_parse_confirm(raw.get("confirm"), seeds, path))
     _validate_space(spec, ablations)
-    start_from = raw.get("start_from") or []
-    if not isinstance(start_from, list) or any(n not in ablations.ablations for n in start_from):
+    start_from = [] if raw.get("start_from") is None else raw["start_from"]
+    if not _names_of(start_from, ablations):
         raise SpecError(f"{path}: 'start_from' must list ablations of {ablations_path} "
                         f"({ablations.names}); got {start_from!r}")
     spec = dataclasses.replace(spec, start_from=tuple(
@@ -174,6 +180,32 @@ def parse_tune_spec(raw: Any, path: str) -> TuneSpec:
     except (TypeError, ValueError) as e:
         raise SpecError(f"{path}: 'sampler' or 'pruner': {e}") from None
     return spec
+
+
+def _names_of(value: Any, ablations: Spec) -> bool:
+    """`value` is a list of ablation names of `ablations`."""
+    return isinstance(value, list) and all(isinstance(n, str) and n in ablations.ablations for n in value)
+
+
+_SCALARS = {"bool": (lambda v: isinstance(v, bool), "true or false"), "int": (is_int, "an integer"),
+            "float": (lambda v: _is_number(v), "a number")}
+
+
+def check_sampler(sampler: Mapping[str, Any], path: str) -> None:
+    """`sampler.seed`, and each TPESampler argument annotated as a bool, an int or a float, of that
+    type: the sampler itself checks few of them, and only once a trial asks it for values."""
+    if "seed" in sampler and not (is_int(sampler["seed"]) and 0 <= sampler["seed"] < SEED_LIMIT):
+        raise SpecError(f"{path}: 'sampler.seed' must be an integer in [0, 2**32), got {sampler['seed']!r}")
+    params = inspect.signature(optuna.samplers.TPESampler).parameters
+    for key, value in sampler.items():
+        annotation = params[key].annotation if key in params else None
+        kinds = {t.strip() for t in annotation.split("|")} if isinstance(annotation, str) else set()
+        if value is None and "None" in kinds:
+            continue
+        if len(kinds - {"None"}) == 1 and (kind := (kinds - {"None"}).pop()) in _SCALARS:   # e.g. "bool | None"
+            ok, what = _SCALARS[kind]
+            if not ok(value):
+                raise SpecError(f"{path}: 'sampler.{key}' must be {what}, got {value!r}")
 
 
 def _is_number(v: Any) -> bool:
@@ -197,9 +229,7 @@ def _parse_confirm(raw: Any, seeds: tuple[int, ...], path: str) -> Confirm:
     return Confirm(top, extra)
 
 
-def _parse_storage(raw: Any, path: str) -> StorageSettings:
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"{path}: 'storage' must be a mapping")
+def _parse_storage(raw: Mapping[str, Any], path: str) -> StorageSettings:
     allowed = [f.name for f in dataclasses.fields(StorageSettings)]
     check_keys(raw, allowed, path, "'storage'")
     for k, v in raw.items():
@@ -242,8 +272,7 @@ def _parse_space(raw: Any, path: str) -> dict[str, Param]:
             space[name] = Param(name, kind, choices=tuple(choices), when=when)
             continue
         bounds = d[kind]
-        hint = " (write 1.0e-4, not 1e-4: YAML reads the latter as text)" if any(
-            isinstance(b, str) for b in (bounds if isinstance(bounds, list) else [])) else ""
+        hint = number_hint(bounds if isinstance(bounds, list) else [])
         ok = is_int if kind == "int" else _is_number
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(ok(b) for b in bounds)
                 and bounds[0] <= bounds[1]):
@@ -283,6 +312,10 @@ def start_values(spec: TuneSpec, ablations: Spec, name: str, path: str) -> dict[
             if value not in p.choices:
                 raise SpecError(f"{path}: start_from '{name}': its {p.name} is {value!r}, which is not among the "
                                 f"space's choices {list(p.choices)}; add it there or start from another ablation")
+        elif value is None:
+            raise SpecError(f"{path}: start_from '{name}': its {p.name} is null (off), which the range "
+                            f"[{p.low}, {p.high}] cannot express; tune it as choices with null among them, "
+                            "or start from another ablation")
         else:
             value = min(max(value, p.low), p.high)
             value = int(value) if p.kind == "int" else float(value)

@@ -43,6 +43,20 @@ def _garbage(path: Path) -> str:
     return str(path)
 
 
+def _older_store(tmp: Path) -> dict[str, str]:
+    """A tracking store whose schema an older MLflow wrote (its first revision)."""
+    import sqlite3
+
+    from pipelines.cache import seed_sqlite_store
+
+    uri = f"sqlite:///{tmp / 'old' / 'mlflow.db'}"
+    (tmp / "old").mkdir()
+    seed_sqlite_store(uri)
+    with sqlite3.connect(tmp / "old" / "mlflow.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+    return {"MLFLOW_TRACKING_URI": uri}
+
+
 # (name, setup(tmp) -> (argv, env), words expected in the one line)
 CASES = [
     ("ablation written as a list",
@@ -51,6 +65,18 @@ CASES = [
     ("model section not a mapping",
      lambda t: (["ablations", "--spec", _spec(t, SPEC.replace("baseline: {}", "baseline: {model: 3}"))], {}),
      "'model' must be a mapping"),
+    ("base model section not a mapping",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC + "base: {model: lstm}\n")], {}),
+     "base: 'model' must be a mapping of field -> value, got 'lstm'"),
+    ("base as empty text", lambda t: (["ablations", "--spec", _spec(t, SPEC + "base: ''\n")], {}),
+     "'base' must be a mapping"),
+    ("a number YAML reads as text",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC.replace("baseline: {}", "baseline: {train: {lr: 1e-4}}"))], {}),
+     "YAML reads 1e-4 as text"),
+    ("an ablation named as the tuned model",
+     lambda t: (["ablations", "--spec", _spec(t, SPEC + "  improved_tuned: {}\n")], {}), "the tuned model's"),
+    ("spec is a pickle", lambda t: (["ablations", "--spec", _data_with(t)], {}), "not a YAML text file"),
+    ("spec given empty", lambda t: (["ablations", "--spec", ""], {}), "must be a file path, got an empty one"),
     ("quick seeds not a list", lambda t: (["ablations", "--spec", _spec(t, SPEC + "quick: {seeds: foo}\n")], {}),
      "'quick.seeds' must be a non-empty list of integers"),
     ("quick seeds as text", lambda t: (["ablations", "--spec", _spec(t, SPEC + "quick: {seeds: '12'}\n")], {}),
@@ -105,6 +131,15 @@ CASES = [
      "[-3, 3]"),
     ("predict to an empty --out", lambda t: (["predict", "--model", "models:/m@champion", "--out", ""], {}),
      "--out is empty: give the CSV file to write"),
+    ("compare on a store of an older MLflow", lambda t: (["compare"], _older_store(t)),
+     "cannot be read (Detected out-of-date database schema"),
+    ("predict from a store of an older MLflow",
+     lambda t: (["predict", "--model", "models:/msa-ablations@champion"], _older_store(t)),
+     "cannot be read (Detected out-of-date database schema"),
+    ("predict from a store that is not there",
+     lambda t: (["predict", "--model", "models:/msa-ablations@champion"], {}), "no tracking store at"),
+    ("study storage URL with a port that is not a number",
+     lambda t: (["tune", "--quick", "--storage", "postgresql://USER@127.0.0.1:PORT/DB"], {}), "cannot be opened"),
     ("data file missing", lambda t: (["ablations", "--quick", "--data", str(t / "nope.pkl")], {}), "no such file"),
 ]
 
@@ -117,6 +152,7 @@ def test_a_mistake_is_one_line_exit_2_and_nothing_is_written(name, make, words, 
     monkeypatch.setenv("MSA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     argv, env = make(tmp_path)
+    capsys.readouterr()                                             # what making the case printed
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}

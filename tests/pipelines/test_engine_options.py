@@ -48,6 +48,19 @@ def test_a_scheduler_with_the_local_sqlite_store_is_refused_saying_what_to_set(t
     assert _nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("address, words", [
+    ("http://127.0.0.1:8787", "unknown address scheme 'http'"),      # the dashboard's address
+    ("127.0.0.1", "missing port number"),
+    ("tcp://127.0.0.1:PORT", "invalid literal for int()"),
+])
+def test_a_scheduler_address_that_is_not_one_is_one_line(tmp_path, store, capsys, address, words):
+    assert main(["ablations", "--quick", "--scheduler", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --scheduler {address}: not a scheduler address (") and words in err
+    assert err.count("\n") == 1 and "expected tcp://HOST:PORT" in err
+    assert _nothing_written(tmp_path)
+
+
 def test_a_scheduler_with_a_local_study_file_is_refused(tmp_path, store, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")   # never reached: refused before
     monkeypatch.setenv("MSA_SCHEDULER", "tcp://127.0.0.1:9")

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from optuna.trial import TrialState
 from msa.training import device_name
 from pipelines import tune
 from pipelines.devices import resolve_here
+from pipelines.errors import StoreError
 from pipelines.run import main
 from pipelines.spec import SpecError
 from pipelines.tuning import confirm
@@ -399,6 +401,44 @@ def test_a_start_point_the_space_cannot_hold_is_refused(tmp_path):
     clipped = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [baseline]\n",
                                              space=SPACE.replace("[1.0e-3, 1.0e-2]", "[2.0e-3, 1.0e-2]")))
     assert dict(clipped.start_from)["baseline"]["train.lr"] == 2.0e-3   # 1e-3 clipped into the range
+
+
+def test_a_start_point_with_a_field_left_off_is_refused_in_words(tmp_path):
+    space = SPACE + "  train.grad_clip:   {float: [0.5, 5.0]}\n"        # off (null) in every ablation
+    with pytest.raises(SpecError, match=r"start_from 'baseline': its train.grad_clip is null \(off\), which the "
+                                        r"range \[0.5, 5.0\] cannot express"):
+        tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [baseline]\n", space=space))
+    with_off = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [baseline]\n",
+                                              space=SPACE + "  train.grad_clip:   {choices: [null, 1.0]}\n"))
+    assert dict(with_off.start_from)["baseline"]["train.grad_clip"] is None
+
+
+@pytest.mark.parametrize("sampler, words", [
+    ("{seed: null}", "'sampler.seed' must be an integer in [0, 2**32), got None"),
+    ("{seed: abc}", "'sampler.seed' must be an integer in [0, 2**32), got 'abc'"),
+    ("{seed: 1, n_startup_trials: '10'}", "'sampler.n_startup_trials' must be an integer, got '10'"),
+    ("{seed: 1, multivariate: 1}", "'sampler.multivariate' must be true or false, got 1"),
+    ("{seed: 1, prior_weight: x}", "'sampler.prior_weight' must be a number, got 'x'"),
+    ("0", "'sampler' must be a mapping"),
+    ("{seed: 1, multivariate: null, group: true}", None),      # null where the sampler takes None
+])
+def test_sampler_arguments_of_the_wrong_type_are_refused_at_load(tmp_path, sampler, words):
+    path = _tune_spec(tmp_path)
+    path.write_text(path.read_text().replace("sampler: {seed: 1, n_startup_trials: 10}", f"sampler: {sampler}"))
+    if words is None:
+        assert tune.load_tune_spec(path).sampler == yaml.safe_load(sampler)
+        return
+    with pytest.raises(SpecError, match=re.escape(words)):
+        tune.load_tune_spec(path)
+
+
+def test_a_journal_with_a_line_that_is_not_optunas_is_one_line(tmp_path):
+    journal = tmp_path / "journal.log"
+    optuna.create_study(study_name="s", storage=tune.open_storage(str(journal))).set_user_attr("a", 1)
+    first, second = journal.read_text().splitlines(keepends=True)
+    journal.write_text(first + '{"op_code": 2, "worker_id": \n' + second)   # a torn line, then more
+    with pytest.raises(StoreError, match=rf"study storage {re.escape(str(journal))}: a line in it is not Optuna's"):
+        tune.open_storage(str(journal))
 
 
 def test_spec_mistakes_name_the_key(tmp_path):

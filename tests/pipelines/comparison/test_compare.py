@@ -1,11 +1,13 @@
 """The comparison on a hand-made tracking store: known metrics, known differences, no training."""
 
+import os
 import re
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from msa.metrics import METRIC_NAMES, eval_mosi_regression
 from pipelines import tracking
@@ -248,6 +250,25 @@ def test_cli_errors_are_one_line(in_store, capsys, tmp_path, monkeypatch):
     assert main(["compare"]) == 2
     assert "no tracking store at" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()                              # looking never creates a store
+
+
+def test_a_disk_that_fills_up_is_one_line_exit_1_and_the_store_is_kept(in_store, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    write_text = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "report.html":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    assert main(["compare", "--experiment", EXPERIMENT]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "report.html: No space left on device" in err
+    parent = MlflowClient(in_store["uri"]).get_run(in_store["parent"])
+    assert parent.info.status == "FINISHED"                                 # what was recorded stays
 
 
 def test_report_renders_in_a_real_browser(made, browser, tmp_path):
