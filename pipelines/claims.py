@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipelines.executor import current_job_key, interrupt_point
 from pipelines.status import RunStatus
@@ -192,10 +193,17 @@ def _settle_stale(client: MlflowClient, runs: list[Run], grace: float, mine: str
     return live
 
 
+def _a_result(run: Run) -> bool:
+    """A FINISHED run that is a result to reuse: not one whose test scores came out NaN (a run that
+    trained to NaN, recorded FINISHED before such runs were failed)."""
+    return run.info.status == RunStatus.FINISHED and all(
+        math.isfinite(v) for k, v in run.data.metrics.items() if k in ("test_MAE", "test_Corr"))
+
+
 def find_taken(client: MlflowClient, experiment_id: str, run_key: str, grace: float | None = None) -> Taken | None:
     """Before claiming `run_key`: a FINISHED run of it, or the first live claim on it, or None."""
     runs = _with_key(client, experiment_id, run_key)
-    finished = [r for r in runs if r.info.status == RunStatus.FINISHED]
+    finished = list(filter(_a_result, runs))
     if finished:
         return Taken(max(finished, key=_order), True)
     live = _settle_stale(client, runs, grace or grace_seconds())
@@ -207,7 +215,7 @@ def settle(client: MlflowClient, experiment_id: str, run_key: str, run_id: str,
     """After creating claim `run_id`: None when it holds, else who has the key (a FINISHED run, or an
     earlier live claim). A claim that does not hold is deleted when `delete` (it trained nothing)."""
     runs = _with_key(client, experiment_id, run_key)
-    finished = [r for r in runs if r.info.status == RunStatus.FINISHED and r.info.run_id != run_id]
+    finished = [r for r in runs if _a_result(r) and r.info.run_id != run_id]
     live = _settle_stale(client, runs, grace or grace_seconds(), mine=run_id)
     first = min(live, key=_order) if live else None
     taken = Taken(max(finished, key=_order), True) if finished else (
@@ -218,15 +226,24 @@ def settle(client: MlflowClient, experiment_id: str, run_key: str, run_id: str,
 
 
 def kill_stale(client: MlflowClient, experiment_id: str, grace: float | None = None) -> int:
-    """Mark every stale claim (runs, suite parents, tune sessions) of the experiment KILLED; how many."""
+    """Mark every stale claim (runs, suite parents, tune sessions) of the experiment KILLED, and every
+    RUNNING run without a claim of its own (a study's trial run) whose parent is no longer RUNNING:
+    its process died with the parent's. How many."""
     grace = grace or grace_seconds()
     running = client.search_runs([experiment_id], filter_string=f"attributes.status = '{RunStatus.RUNNING}'",
                                  max_results=1000)
-    now, n = time.time(), 0
-    for run in filter(is_claim, running):
-        reason = why_stale(run, grace, now)
-        if reason is not None:
+    now, alive = time.time(), set()
+    for run in running:
+        reason = why_stale(run, grace, now) if is_claim(run) else None
+        if reason is None:
+            alive.add(run.info.run_id)
+        else:
             mark_killed(client, run.info.run_id, reason)
+    n = len(running) - len(alive)
+    for run in running:
+        parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        if not is_claim(run) and parent and parent not in alive:
+            mark_killed(client, run.info.run_id, f"its parent run {parent} ended while it ran: its process died")
             n += 1
     return n
 

@@ -40,8 +40,9 @@ def open_parent(client: MlflowClient, experiment_id: str, suite: str, key: str, 
     if found and not claims.is_live(found[0]):
         run_id = found[0].info.run_id
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        if claims.KILLED_REASON in found[0].data.tags:  # a dead command's parent, marked KILLED: running again
-            client.delete_tag(run_id, claims.KILLED_REASON)
+        for stale in (claims.KILLED_REASON, "error"):  # why it ended before (killed, interrupted, failed)
+            if stale in found[0].data.tags:
+                client.delete_tag(run_id, stale)
         client.update_run(run_id, status=RunStatus.RUNNING)
         return run_id, True
     now = time.localtime()

@@ -59,6 +59,8 @@ def test_a_finished_run_without_a_finite_score_is_not_reused_nor_compared(store,
             recorder.child(pid, "nan_run", 1, labels, np.full(20, np.nan))]   # as runs logged before the fix
     recorder.finish(pid, rows)
     assert set(tracking.finished_runs(client, exp_id, ["baseline-1", "nan_run-1"])) == {"baseline-1"}
+    assert claims.find_taken(client, exp_id, "baseline-1").finished
+    assert claims.find_taken(client, exp_id, "nan_run-1") is None     # trained again, not taken as done
     from pipelines.stages.compare import compare_suite
 
     comparison, _ = compare_suite("unit", exp_id, pid)
@@ -127,6 +129,23 @@ def test_a_dead_worker_of_a_live_session_leaves_the_session_running(store):
     OnDeadTrial(max_retry=0, grace_period=1)(study, trial)
     killed = client.get_run(session)
     assert killed.info.status == "KILLED" and "session died" in killed.data.tags["error"]
+
+
+def test_trial_runs_of_a_session_that_died_are_killed_with_it_by_the_next_command(store):
+    client, exp_id = tracking.setup("unit")
+    dead = tracking.start_run(client, exp_id, "tune s", tags={"tune_study": "s", **claims.claim_tags()})
+    client.set_tag(dead, claims.HEARTBEAT, f"{time.time() - 3600:.3f}")     # SIGKILLed an hour ago
+    live = tracking.start_run(client, exp_id, "tune t", tags={"tune_study": "t", **claims.claim_tags()})
+    trials = {parent: tracking.start_run(client, exp_id, "trial", tags={"optuna_trial": "0"}, parent_run_id=parent)
+              for parent in (dead, live)}
+    ended = tracking.start_run(client, exp_id, "tune u", tags={"tune_study": "u"})
+    client.set_terminated(ended, "KILLED")                                  # marked by an earlier command
+    trials[ended] = tracking.start_run(client, exp_id, "trial", tags={"optuna_trial": "0"}, parent_run_id=ended)
+    assert claims.kill_stale(client, exp_id) == 3
+    status = lambda run_id: client.get_run(run_id).info.status
+    assert status(dead) == status(trials[dead]) == status(trials[ended]) == "KILLED"
+    assert "its parent run" in client.get_run(trials[dead]).data.tags[claims.KILLED_REASON]
+    assert status(live) == status(trials[live]) == "RUNNING"               # a live session's trial goes on
 
 
 def test_the_core_share_counts_every_live_command(tmp_path, monkeypatch):
