@@ -9,7 +9,8 @@ What a file must hold, checked at load so that a bad file fails here, in one lin
   are refused;
 - labels finite and in the annotators' range [-3, 3]; a split holding both `labels` and
   `regression_labels` must hold the same scores in both;
-- feature values finite (NaN and +-inf are set to 0 and counted, as every known loader does), or at
+- feature values finite (NaN and +-inf are set to 0 in every modality and counted; MulT, MMSA and
+  MultiBench set only audio's -inf to 0, so a NaN from a constant feature reached their models), or at
   most MAX_ABS_FEATURE in size: larger ones are refused, since their float32 squares (LayerNorm's
   variance, Adam's moments) overflow and a run would silently zero the modality or train to NaN;
 - ids (optional) strings, byte strings (decoded) or integers (written as decimals), one row per sample;
@@ -22,6 +23,7 @@ labels are then NaN and `Split.has_labels` is False.
 
 from __future__ import annotations
 
+import _compat_pickle  # the standard library's table of Python 2 -> 3 names that pickle itself uses
 import hashlib
 import io
 import os
@@ -178,10 +180,24 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
     return text.encode("latin-1", errors)
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """`bytes()` as pickle protocols 0-2 write an empty byte string (an empty array's buffer): with no
+    argument only, so that a file cannot ask for a buffer of any size."""
+    if args:
+        raise pickle.UnpicklingError("refused to load 'builtins.bytes' with arguments (pickle protocols 0-2 "
+                                     "call it without any, for an empty byte string)")
+    return b""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2's names, which Python 3 also writes with protocols 0-2 (`__builtin__.set`), as Python 3's.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) == ("_codecs", "encode"):  # the bytes of arrays pickled with protocol 0, 1 or 2
             return _latin1_encode
+        if (module, name) == ("builtins", "bytes"):
+            return _empty_bytes
         if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_PREFIXES):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load '{module}.{name}' (only numpy arrays and plain "

@@ -123,9 +123,23 @@ def test_every_pickle_protocol_reads_the_same(tmp_path, protocol):
     `_codecs.encode`: allowed with latin-1 alone."""
     rng = np.random.default_rng(4)
     raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
+    # Python 3 writes Python 2's names with them: `__builtin__.set`, and `__builtin__.bytes` for an
+    # empty byte string (the buffer of an array with no element).
+    raw["train"]["annotations"] = {"a", "b"}
+    raw["train"]["empty"] = np.zeros((0, 3), np.float32)
     path = tmp_path / f"p{protocol}.pkl"
     path.write_bytes(pickle.dumps(raw, protocol=protocol))
     assert load(path).digest == load(_write(tmp_path, raw, "default.pkl")).digest
+
+
+def test_a_pickle_that_asks_bytes_for_a_buffer_is_refused(tmp_path):
+    path = tmp_path / "bytes.pkl"
+    path.write_bytes(b"c__builtin__\nbytes\n(I1000000000000\ntR.")
+    with pytest.raises(DataError, match=r"refused to load 'builtins.bytes' with arguments"):
+        load(path)
+    path.write_bytes(b"c__builtin__\neval\n(Vprint(1)\ntR.")           # a Python 2 name for code: refused
+    with pytest.raises(DataError, match=r"refused to load 'builtins.eval'"):
+        load(path)
 
 
 def test_a_pickle_that_asks_codecs_for_another_encoding_is_refused(tmp_path):
