@@ -20,6 +20,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from msa.config import RunConfig, stable_hash
 from msa.data import MOSIData
 from msa.training import fit
 from pipelines import claims, tracking
@@ -137,7 +138,7 @@ def retrain(job: ConfirmJob, data: MOSIData, threads: int | None, emit: Emit) ->
             return job.trial, job.seed, claimed
         run_id = claimed
         log_epoch = tracking.EpochLogger(client, run_id)
-        beat = claims.Heartbeat(client, run_id, experiment_id=job.where.experiment_id, run_key=_key(job))
+        beat = claims.Heartbeat(client, run_id, experiment_id=job.where.experiment_id, run_key=_key(job, config))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
         interrupt_point()
@@ -171,22 +172,26 @@ def attr_key(trial: int, seed: int) -> str:
     return f"{PREFIX}:{trial}:{seed}"
 
 
-def pair_key(study: str, trial: int, seed: int, storage: str | None) -> str:
+def pair_key(study: str, trial: int, seed: int, storage: str | None, config: RunConfig, data_digest: str) -> str:
     """The `run_key` of a (trial, seed) re-training: its study, named and where it lives (two storages
-    may each hold a study of that name)."""
+    may each hold a study of that name), and what it trains on which data: a study started over under
+    its old name (its journal removed, the tracking store kept) numbers its trials from 0 again, with
+    other configs, perhaps on other data."""
     where = hashlib.sha256(storage_label(storage).encode()).hexdigest()[:12]
-    return f"{PREFIX}:{study}@{where}:{trial}:{seed}"
+    what = stable_hash([config.config_hash(), data_digest])[:12]
+    return f"{PREFIX}:{study}@{where}:{trial}:{seed}:{what}"
 
 
-def _key(job: ConfirmJob) -> str:
-    return pair_key(job.study, job.trial, job.seed, job.storage)
+def _key(job: ConfirmJob, config: RunConfig) -> str:
+    digest = dict(job.where.tags).get("data_digest", "") if job.where is not None else ""
+    return pair_key(job.study, job.trial, job.seed, job.storage, config, digest)
 
 
 def _claim(job: ConfirmJob, client: MlflowClient, config, emit: Emit, line: str) -> str | float:
     """Claim the pair's MLflow run, as ablation runs are claimed, so that two `tune` sessions on one
     study never re-train one pair twice: the new run's id, or the value another session recorded for
     it (waited for while it trains there)."""
-    experiment_id, key = job.where.experiment_id, _key(job)
+    experiment_id, key = job.where.experiment_id, _key(job, config)
     while True:
         taken = claims.find_taken(client, experiment_id, key)
         if taken is None:

@@ -529,12 +529,26 @@ def test_a_pair_another_session_is_retraining_is_waited_for_not_trained_twice(tm
     """Two `tune` sessions on one study reach the same top trial: the second waits for the first's
     re-training of (trial 0, seed 8) and takes its value."""
     from pipelines import claims, tracking
+    from pipelines.spec import resolve_spec
+    from pipelines.tuning.objective import TrialSetup, trial_config
 
+    searched = tune.load_tune_spec(_tune_spec(tmp_path, name="search.yaml", extra="confirm: {top: 0}\n"))
+    tune.run_study(searched, quick=True, trials=1)                   # trial 0, not re-trained yet
     spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 1, seeds: [8]}\n"))
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    setup = TrialSetup.from_specs(spec, resolve_spec(spec.ablations, only=None, seeds=None, epochs=None, quick=True))
+    config = trial_config(setup, study.trials[0].user_attrs["override"])
+    digest = study.user_attrs["data_digest"]
     client, exp_id = tracking.setup("tune-unit")
+    # A FINISHED re-training of a trial 0 of a study of this name on other data (its journal since
+    # removed): another pair, never taken for this one.
+    stale = client.create_run(exp_id, run_name="confirm-0-seed-8", tags={
+        "run_key": confirm.pair_key("unit-quick", 0, 8, None, config, "0123456789abcdef"), "confirm_trial": "0"})
+    client.log_metric(stale.info.run_id, "objective", 0.999)
+    client.set_terminated(stale.info.run_id, "FINISHED")
     other = client.create_run(exp_id, run_name="confirm-0-seed-8", tags={
-        "run_key": confirm.pair_key("unit-quick", 0, 8, None), "confirm_trial": "0", "confirm_seed": "8",
-        **claims.claim_tags()})
+        "run_key": confirm.pair_key("unit-quick", 0, 8, None, config, digest), "confirm_trial": "0",
+        "confirm_seed": "8", **claims.claim_tags()})
     other_id = other.info.run_id
 
     def the_other_session_finishes():
@@ -547,12 +561,13 @@ def test_a_pair_another_session_is_retraining_is_waited_for_not_trained_twice(tm
     said = io.StringIO()
     session = tune.run_study(spec, quick=True, trials=1, stream=said)
     finisher.join()
-    assert "confirm    0  seed 8          running elsewhere: claimed by" in said.getvalue()
+    assert "confirm    0  seed 8          running elsewhere: claimed by" in said.getvalue(), said.getvalue()
     study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
     assert study.user_attrs["confirm:0:8"] == {"value": 0.4242, "mlflow_run_id": other_id}
     assert session.choice.seed_values[8] == pytest.approx(0.4242)
     _, _, runs = _tune_runs(MlflowClient(store))
-    assert [r.info.run_id for r in runs if r.data.tags.get("confirm_trial") == "0"] == [other_id]   # no second
+    assert [r.info.run_id for r in runs if r.data.tags.get("confirm_trial") == "0"
+            and r.info.run_id != stale.info.run_id] == [other_id]                                   # no second
 
 
 def test_top_trials_are_retrained_on_more_seeds_once(tmp_path, store):
