@@ -25,6 +25,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipelines import tracking
 from pipelines.executor import current_job_key, interrupt_point
 from pipelines.status import RunStatus
 
@@ -195,8 +196,8 @@ def _settle_stale(client: MlflowClient, runs: list[Run], grace: float, mine: str
 
 def _a_result(run: Run) -> bool:
     """A FINISHED run that is a result to reuse: not one whose test scores came out NaN (a run that
-    trained to NaN, recorded FINISHED before such runs were failed)."""
-    return run.info.status == RunStatus.FINISHED and all(
+    trained to NaN, recorded FINISHED before such runs were failed), nor a bf16 run that trained in fp32."""
+    return run.info.status == RunStatus.FINISHED and tracking.trained_as_asked(run) and all(
         math.isfinite(v) for k, v in run.data.metrics.items() if k in ("test_MAE", "test_Corr"))
 
 

@@ -273,10 +273,17 @@ def run_name(ablation: str, seed: int) -> str:
     return f"{ablation}/seed-{seed}"
 
 
+def trained_as_asked(run: Any) -> bool:
+    """The run trained in the precision its config asked for: a bf16 run on a worker without native
+    bf16 falls back to fp32 (its `precision_used` tag), and is then no bf16 result to reuse."""
+    used = run.data.tags.get("precision_used")
+    return used is None or used == run.data.params.get("train.precision", "fp32")
+
+
 def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str]) -> dict[str, Any]:
     """run_key -> the newest FINISHED run carrying it that holds a finite test score (one that trained
-    to NaN is no result to reuse). (MLflow's filter has no IN for tags, so the experiment's FINISHED
-    runs are listed page by page and matched here.)"""
+    to NaN is no result to reuse) and trained as asked (`trained_as_asked`). (MLflow's filter has no
+    IN for tags, so the experiment's FINISHED runs are listed page by page and matched here.)"""
     wanted = set(keys)
     found: dict[str, Any] = {}
     token = None
@@ -285,7 +292,8 @@ def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str])
                                   order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
         for r in page:
             key = r.data.tags.get("run_key")
-            if key in wanted and all(math.isfinite(r.data.metrics.get(f"test_{m}", math.nan)) for m in ("MAE", "Corr")):
+            if key in wanted and trained_as_asked(r) and all(
+                    math.isfinite(r.data.metrics.get(f"test_{m}", math.nan)) for m in ("MAE", "Corr")):
                 found.setdefault(key, r)
         token = page.token
         if not token:

@@ -70,6 +70,20 @@ def test_a_finished_run_without_a_finite_score_is_not_reused_nor_compared(store,
     assert "Left out: nan_run/seed-1" in format_table(comparison)
 
 
+def test_a_bf16_run_that_fell_back_to_fp32_is_never_reused_as_a_bf16_result(store):
+    """On a cluster where only some workers have native bf16, a worker without it trains a bf16 run in
+    fp32 and says so in `precision_used`: a later bf16 suite trains that seed again."""
+    client, exp_id = tracking.setup("unit")
+    for key, used in (("fell-back", "fp32"), ("native", "bf16")):
+        run_id = tracking.start_run(client, exp_id, key, tags={"run_key": key, "precision_used": used},
+                                    params={"train.precision": "bf16"})
+        tracking.log_metrics(client, run_id, {"test_MAE": 0.9, "test_Corr": 0.6})
+        client.set_terminated(run_id, "FINISHED")
+    assert set(tracking.finished_runs(client, exp_id, ["fell-back", "native"])) == {"native"}
+    assert claims.find_taken(client, exp_id, "fell-back") is None
+    assert claims.find_taken(client, exp_id, "native").finished
+
+
 TUNE = """study: unit
 ablations: spec.yaml
 base: baseline
