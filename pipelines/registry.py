@@ -144,17 +144,26 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
 
     _ensure_registered_model(client, experiment, experiment_id)
     current = _current(client, experiment)
+    version = _version_of(client, experiment, model_id)
+    # Chosen again (a suite that reuses cached runs): the version keeps the evidence it holds unless
+    # this suite's rests on at least as many seeds, so that a lucky mean of fewer seeds never inflates it.
+    held = _recorded(client.get_model_version(experiment, version), experiment, select_key) if version else None
+    keep = held is not None and held.n > len(best.scores)
     # The title on this data goes to the best version ever registered on it, not merely the present
     # holder: that may be another data set's, and a worse suite must not take it back from there.
     rival, recorded = _best_on(client, experiment, data_digest, select_key, best.higher)
-    if rival is not None and _model_of(rival) != model_id and not is_better(best.mean, recorded.mean,
-                                                                             higher=best.higher):
+    if rival is not None and _model_of(rival) != model_id and not is_better(held.mean if keep else best.mean,
+                                                                             recorded.mean, higher=best.higher):
         moved = current is None or str(current.version) != recorded.version
         if moved:
             client.set_registered_model_alias(experiment, CHAMPION, recorded.version)
         kept = replace(recorded, moved=moved)
         return kept, kept.line() + skipped
-    version = _version_of(client, experiment, model_id)
+    if keep:
+        client.set_registered_model_alias(experiment, CHAMPION, version)
+        kept = replace(held, moved=True)
+        return kept, kept.line() + skipped
+    description = _description(best, seed, select_key, synthetic, suite_label, data_digest)
     tags = {"ablation": best.ablation, "seed": str(seed), "data_digest": data_digest,
             "synthetic": str(synthetic).lower(), "validation_metric": select_key,
             "validation": f"{best.mean:.4f} ± {best.std:.4f} (n={len(best.scores)})",
@@ -162,13 +171,12 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
             "validation_n": str(len(best.scores)), "suite_run": suite_run_id, "suite": suite_label}
     if version is None:
         version = client.create_model_version(experiment, source=f"models:/{model_id}", run_id=run_id, tags=tags,
-                                              description=_description(best, seed, select_key, synthetic,
-                                                                       suite_label, data_digest),
-                                              model_id=model_id).version
+                                              description=description, model_id=model_id).version
         _link(client, model_id, experiment, str(version))
-    else:
+    else:  # the tags and the description say the same suite
         for k, v in tags.items():
             client.set_model_version_tag(experiment, version, k, v)
+        client.update_model_version(experiment, version, description=description)
     client.set_registered_model_alias(experiment, CHAMPION, version)
     champion = Champion(experiment, str(version), best.ablation, seed, run_id, select_key, best.mean, best.std,
                         len(best.scores), moved=True)
@@ -180,18 +188,24 @@ def _best_on(client: MlflowClient, name: str, data_digest: str, key: str, higher
     record (as a Champion); (None, None) when there is none."""
     best, recorded = None, None
     for v in client.search_model_versions(f"name = '{name}'", max_results=1000):
-        tags = v.tags
-        if tags.get("data_digest") != data_digest or tags.get("validation_metric") != key:
-            continue
-        try:
-            this = Champion(name, str(v.version), tags["ablation"], int(tags["seed"]), v.run_id, key,
-                            float(tags["validation_mean"]), float(tags["validation_std"]),
-                            int(tags["validation_n"]), moved=False)
-        except (KeyError, ValueError):  # a version registered by hand, without our tags
-            continue
-        if is_better(this.mean, recorded.mean if recorded else None, higher=higher):
+        this = _recorded(v, name, key) if v.tags.get("data_digest") == data_digest else None
+        if this is not None and is_better(this.mean, recorded.mean if recorded else None, higher=higher):
             best, recorded = v, this
     return best, recorded
+
+
+def _recorded(version, name: str, key: str) -> Champion | None:
+    """What a version's tags record of its choice on validation `key`, as a Champion; None for a
+    version chosen on another metric, or registered by hand without these tags."""
+    tags = version.tags
+    if tags.get("validation_metric") != key:
+        return None
+    try:
+        return Champion(name, str(version.version), tags["ablation"], int(tags["seed"]), version.run_id, key,
+                        float(tags["validation_mean"]), float(tags["validation_std"]), int(tags["validation_n"]),
+                        moved=False)
+    except (KeyError, ValueError):
+        return None
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, experiment_id: str) -> None:

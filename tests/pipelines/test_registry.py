@@ -141,6 +141,27 @@ def test_back_on_the_first_data_a_worse_suite_gives_the_title_to_that_datas_best
     assert not kept.moved and kept.version == "2" and "champion unchanged" in line
 
 
+def test_a_version_chosen_again_on_fewer_seeds_keeps_its_evidence(store, suite_recorder, tiny_data):
+    """`ablations --seeds 1` after the full suite: every run cached, the same model chosen, on one seed
+    whose mean is higher. The version's tags and description must still say what they said."""
+    client, exp_id = tracking.setup(EXPERIMENT)
+    pid, rows = _suite(suite_recorder(client, exp_id), tiny_data, DESIGN)
+    first, _ = _crown(client, exp_id, pid, rows, tiny_data.digest)
+    before = client.get_model_version(EXPERIMENT, first.version)
+    one_seed = [r for r in rows if r.seed == 1]
+    again, line = registry.crown(client, EXPERIMENT, exp_id, pid, one_seed, [1], select_key="val_Corr", higher=True,
+                                 data_digest=tiny_data.digest, synthetic=True, suite_label="suite-b")
+    after = client.get_model_version(EXPERIMENT, first.version)
+    assert again.version == first.version and (again.mean, again.n) == (first.mean, 2)
+    assert after.tags == before.tags and after.description == before.description
+    assert line.endswith("(validation val_Corr 0.5900 ± 0.0283 over 2 seeds)")
+    # On as many seeds, the newer evidence replaces it, tags and description together.
+    registry.crown(client, EXPERIMENT, exp_id, pid, rows, [1, 2], select_key="val_Corr", higher=True,
+                   data_digest=tiny_data.digest, synthetic=True, suite_label="suite-c")
+    latest = client.get_model_version(EXPERIMENT, first.version)
+    assert latest.tags["suite"] == "suite-c" and "suite `suite-c`" in latest.description
+
+
 def test_no_validation_scores_no_champion(store, suite_recorder):
     client, exp_id = tracking.setup("no-val")
     recorder = suite_recorder(client, exp_id)
