@@ -15,7 +15,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from pipelines.spec import TUNED, SpecError
+from pipelines.spec import TUNED, Spec, SpecError, load_spec
 from pipelines.tuning.confirm import Choice, choose, describe
 from pipelines.tuning.spec import DEFAULT_TUNE_SPEC, TuneSpec, load_tune_spec
 from pipelines.tuning.storage import default_storage_path, open_storage, storage_label
@@ -67,6 +67,19 @@ def tune_spec_for(ablations_spec: str | Path | None) -> Path:
     return DEFAULT_TUNE_SPEC
 
 
+def tuned_elsewhere(tune_spec: str | Path, spec: Spec) -> str | None:
+    """Why the study of `tune_spec` cannot join a suite of `spec`, or None when it can: its override
+    (the base ablation's own, plus the tuned values) is resolved on the suite's `base`, so a spec
+    whose base differs from the one the study searched on would train a config no trial trained."""
+    searched = load_tune_spec(tune_spec)
+    on = load_spec(searched.ablations)
+    if on.base == spec.base:
+        return None
+    return (f"{TUNED} left out: study '{searched.study}' searched on the base of {searched.ablations}, which "
+            f"differs from the base of {spec.path}, so its config would be another here (run {TUNED} with "
+            f"--spec {searched.ablations}, or tune on {spec.path} with a tune.yaml beside it)")
+
+
 def tuned_override(study: str | None = None, storage: str | None = None, *, quick: bool = False,
                    data_digest: str | None = None, spec: str | Path | None = None) -> dict[str, Any] | None:
     """The best trial's ablation override (`{"model": {...}, "train": {...}}`), or None when the
@@ -87,4 +100,5 @@ def tuned_override(study: str | None = None, storage: str | None = None, *, quic
     return dict(best.user_attrs["override"]) if best is not None else None
 
 
-__all__ = ["TUNED", "default_study_name", "best_trial", "save_best", "tune_spec_for", "tuned_override"]
+__all__ = ["TUNED", "default_study_name", "best_trial", "save_best", "tune_spec_for", "tuned_elsewhere",
+           "tuned_override"]

@@ -20,7 +20,7 @@ from pipelines import tune
 from pipelines.devices import resolve_here
 from pipelines.errors import StoreError
 from pipelines.run import main
-from pipelines.spec import SpecError
+from pipelines.spec import SpecError, load_spec
 from pipelines.tuning import confirm
 from pipelines.tuning.handover import save_best
 from pipelines.tuning.storage import trial_id
@@ -482,6 +482,34 @@ def test_ablations_include_improved_tuned_once_a_study_has_a_best_trial(tuned, m
     (other / "tune.yaml").write_text(tuned["spec"].read_text().replace("study: unit", "study: never-run"))
     assert main(["ablations", "--spec", str(other / "ablations.yaml"), "--quick", "--only", "improved_tuned"]) == 2
     assert "no tuning study has a best trial on this data yet" in capsys.readouterr().err
+
+
+def test_a_study_searched_on_another_base_does_not_join_a_suite(tuned, monkeypatch, capsys):
+    """A spec with no tune.yaml beside it is joined by the default study; its override resolved on this
+    spec's own base would be a config no trial trained: left out, in words."""
+    monkeypatch.chdir(tuned["tmp"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tuned['tmp'] / 'mlruns' / 'mlflow.db'}")
+    # The default study, on this data: searched on pipelines/specs/ablations.yaml (the lab's base).
+    default = optuna.create_study(study_name="improved-quick", direction="maximize",
+                                  storage=tune.open_storage(str(tuned["storage"])))
+    default.set_user_attr("data_digest", _study(tuned).user_attrs["data_digest"])
+    default.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"override": {"model": {"hidden": 64}}}))
+    shifted = tuned["tmp"] / "shifted"
+    shifted.mkdir()
+    (shifted / "ablations.yaml").write_text(ABLATIONS)                # base: hidden 16, not the lab's
+    argv = ["ablations", "--spec", str(shifted / "ablations.yaml"), "--quick", "--workers", "1"]
+    assert main([*argv, "--only", "improved_tuned"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: improved_tuned left out: study 'improved' searched on the base of ")
+    assert "so its config would be another here" in err and err.count("\n") == 1
+    assert main(argv) == 0                                            # the spec's own runs, told why not it
+    assert "note: improved_tuned left out: study 'improved'" in capsys.readouterr().err
+    client = tuned["client"]
+    suite = max((r for r in _tune_runs(client)[2] if r.data.tags.get("suite") == "ablations"),
+                key=lambda r: r.info.start_time)
+    assert suite.data.params["ablations"] == "baseline,improved"
+    assert tune.tuned_elsewhere(tune.DEFAULT_TUNE_SPEC, load_spec()) is None   # the shipped pair agrees
+    assert tune.tuned_elsewhere(tuned["spec"], load_spec(tuned["tmp"] / "ablations.yaml")) is None
 
 
 def test_confirm_mistakes_name_the_key(tmp_path):
