@@ -14,6 +14,8 @@ What a file must hold, checked at load so that a bad file fails here, in one lin
   most MAX_ABS_FEATURE in size: larger ones are refused, since their float32 squares (LayerNorm's
   variance, Adam's moments) overflow and a run would silently zero the modality or train to NaN;
 - ids (optional) strings, byte strings (decoded) or integers (written as decimals), one row per sample;
+- padding: sequences padded at the end (MMSA's feature tool) are re-padded at the front, as MultiBench
+  and MulT files are and as the models read them (`_padding_to_the_front`);
 - valid and test with at least two different labels: runs are selected and compared by correlation,
   which a single sample or constant labels leave undefined (every run would end with NaN).
 
@@ -90,6 +92,8 @@ class MOSIData:
     layout: str                              # multibench | mult | mmsa | synthetic
     synthetic: bool                          # generated, not recorded: never a MOSI result
     cleaned: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> modality -> values set to 0
+    repadded: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> modality -> samples whose
+    #                                                                   end padding was moved to the front
     _digest: str | None = field(default=None, repr=False)
 
     def __getitem__(self, split: str) -> Split:
@@ -152,6 +156,10 @@ class MOSIData:
             total = sum(counts.values())
             detail = ", ".join(f"{m} {n}" for m, n in counts.items() if n) or "none"
             lines.append(f"  cleaned:   {name}: {total} non-finite values set to 0 ({detail})")
+            moved = {m: n for m, n in self.repadded.get(name, {}).items() if n}
+            if moved:
+                lines.append(f"  padding:   {name}: padded at the end, moved to the front (the models read the last "
+                             f"step) in {', '.join(f'{m} {n}' for m, n in moved.items())} samples")
         if self.has_oracle:
             lines.append("  oracle:    noise-free expected labels available")
         return "\n".join(lines)
@@ -266,10 +274,11 @@ def from_raw(raw: Any, source: str, *, synthetic: bool = False, partial: bool = 
         raise DataError(f"{source}: no split {list(SPLITS)} in it (found {sorted(map(str, raw))})")
     splits: dict[str, Split] = {}
     cleaned: dict[str, dict[str, int]] = {}
+    repadded: dict[str, dict[str, int]] = {}
     layout = "synthetic" if synthetic else None
     for name in present:
-        split, counts, split_layout = _read_split(raw[name], name, source, labels_optional=partial)
-        splits[name], cleaned[name] = split, counts
+        split, counts, moved, split_layout = _read_split(raw[name], name, source, labels_optional=partial)
+        splits[name], cleaned[name], repadded[name] = split, counts, moved
         layout = layout or split_layout
     _check_dims_agree(splits, source)
     if not partial:
@@ -278,11 +287,11 @@ def from_raw(raw: Any, source: str, *, synthetic: bool = False, partial: bool = 
     # synthetic set written out, or its cache) is synthetic, whatever path it was read from.
     synthetic = synthetic or any(s.oracle is not None for s in splits.values())
     return MOSIData(splits=splits, source=source, layout=layout or "multibench",
-                    synthetic=synthetic, cleaned=cleaned)
+                    synthetic=synthetic, cleaned=cleaned, repadded=repadded)
 
 
 def _read_split(d: Any, name: str, source: str, *, labels_optional: bool = False
-                ) -> tuple[Split, dict[str, int], str]:
+                ) -> tuple[Split, dict[str, int], dict[str, int], str]:
     where = f"{source}: split '{name}'"
     if not isinstance(d, Mapping):
         raise DataError(f"{where} is a {type(d).__name__}, expected a dict of arrays")
@@ -310,9 +319,10 @@ def _read_split(d: Any, name: str, source: str, *, labels_optional: bool = False
     if n == 0:
         raise DataError(f"{where} is empty (0 samples)")
 
-    features, counts = {}, {}
+    features, counts, moved = {}, {}, {}
     for m in MODALITIES:
         features[m], counts[m] = _features(d[m], where, m, n, label_key)
+        features[m], moved[m] = _padding_to_the_front(features[m])
 
     ids = _read_ids(d.get("id"), n, name, where)
     oracle = None
@@ -323,7 +333,7 @@ def _read_split(d: Any, name: str, source: str, *, labels_optional: bool = False
         oracle = torch.from_numpy(o)
     split_layout = "mmsa" if label_key == "regression_labels" else (
         "mult" if features["audio"].shape[-1] != 74 or features["vision"].shape[-1] != 35 else "multibench")
-    return Split(name, features, torch.from_numpy(labels), ids, oracle), counts, split_layout
+    return Split(name, features, torch.from_numpy(labels), ids, oracle), counts, moved, split_layout
 
 
 def _real_array(value: Any, where: str, key: str) -> np.ndarray:
@@ -379,6 +389,26 @@ def _features(value: Any, where: str, key: str, n: int, label_key: str) -> tuple
     if count:
         arr[nonfinite] = 0.0
     return torch.from_numpy(arr), count
+
+
+def _padding_to_the_front(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Features padded at the end (MMSA's feature tool pads 'back') as the models read them: padded at
+    the front, as MultiBench and MulT files are, so that a sequence's last step is its last word. The
+    padding is each sample's all-zero steps after its last non-zero one. A modality is taken as padded
+    at the end when more of its samples start non-zero and end all-zero than the reverse; otherwise
+    (front padding, none, an odd all-zero step) it is left exactly as it is. Returns the features and
+    how many samples moved."""
+    used = x.ne(0).any(dim=2)                                       # (N, T): steps holding a feature
+    at_end = int((used[:, 0] & ~used[:, -1]).sum())                 # padded after, not before
+    at_front = int((~used[:, 0] & used[:, -1]).sum())
+    if at_end <= at_front:
+        return x, 0
+    steps = x.shape[1]
+    t = torch.arange(steps)
+    length = torch.where(used, t + 1, 0).amax(dim=1)                # up to the last step holding a feature
+    shift = (steps - length) % steps                                # a sample with no feature stays put
+    source = (t.unsqueeze(0) - shift.unsqueeze(1)) % steps          # out[i, t] = x[i, t - shift_i]
+    return torch.gather(x, 1, source.unsqueeze(2).expand_as(x)).contiguous(), int((shift > 0).sum())
 
 
 def _largest(dtype: np.dtype) -> float:

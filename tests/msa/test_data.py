@@ -149,6 +149,43 @@ def test_a_pickle_that_asks_codecs_for_another_encoding_is_refused(tmp_path):
         load(path)
 
 
+def _padded(rng, n, lengths, at_end, steps=8):
+    """An MMSA-layout split whose sample i holds lengths[i] real steps, padded with zero steps before
+    them (MultiBench, MulT) or after them (MMSA's feature tool, padding 'back')."""
+    d = _split(rng, n, t=(steps, steps, steps), dims=(20, 768, 5), labels="mmsa")
+    for m in ("vision", "text", "audio"):
+        for i, length in enumerate(lengths):
+            real = d[m][i, :length].copy()
+            d[m][i] = 0.0
+            d[m][i, :length] = real if at_end else 0.0
+            if not at_end:
+                d[m][i, steps - length:] = real
+    return d
+
+
+def test_a_file_padded_at_the_end_is_read_as_one_padded_at_the_front(tmp_path):
+    lengths = {"train": [3, 8, 5, 1, 8, 2], "valid": [4, 2, 8], "test": [8, 6, 2]}
+    front = {s: _padded(np.random.default_rng(i), len(n), n, at_end=False) for i, (s, n) in enumerate(lengths.items())}
+    end = {s: _padded(np.random.default_rng(i), len(n), n, at_end=True) for i, (s, n) in enumerate(lengths.items())}
+    as_front, as_end = load(_write(tmp_path, front, "front.pkl")), load(_write(tmp_path, end, "end.pkl"))
+    for split in lengths:
+        for m in ("vision", "text", "audio"):
+            assert torch.equal(as_end[split].features[m], as_front[split].features[m]), (split, m)
+    assert as_end.digest == as_front.digest                                  # the same data, as trained on
+    assert as_end.repadded["train"] == {"vision": 4, "text": 4, "audio": 4}  # the 4 shorter than 8 steps
+    assert "padding:   train: padded at the end, moved to the front" in as_end.summary()
+    assert "padding:" not in as_front.summary() and as_front.repadded["train"] == {"vision": 0, "text": 0, "audio": 0}
+
+
+def test_a_front_padded_file_with_an_odd_empty_last_step_is_left_as_it_is(tmp_path):
+    rng = np.random.default_rng(7)
+    raw = {s: _padded(rng, 4, [2, 3, 8, 4], at_end=False) for s in ("train", "valid", "test")}
+    raw["train"]["audio"][2, -1] = 0.0                                     # one all-zero step at the end
+    data = load(_write(tmp_path, raw))
+    assert torch.equal(data["train"].features["audio"], torch.from_numpy(raw["train"]["audio"]))
+    assert not any(n for moved in data.repadded.values() for n in moved.values())
+
+
 def test_digest_changes_with_content(tmp_path):
     rng = np.random.default_rng(3)
     raw = {s: _split(rng, 4) for s in ("train", "valid", "test")}
