@@ -194,17 +194,10 @@ def _settle_stale(client: MlflowClient, runs: list[Run], grace: float, mine: str
     return live
 
 
-def _a_result(run: Run) -> bool:
-    """A FINISHED run that is a result to reuse: not one whose test scores came out NaN (a run that
-    trained to NaN, recorded FINISHED before such runs were failed), nor a bf16 run that trained in fp32."""
-    return run.info.status == RunStatus.FINISHED and tracking.trained_as_asked(run) and all(
-        math.isfinite(v) for k, v in run.data.metrics.items() if k in ("test_MAE", "test_Corr"))
-
-
 def find_taken(client: MlflowClient, experiment_id: str, run_key: str, grace: float | None = None) -> Taken | None:
     """Before claiming `run_key`: a FINISHED run of it, or the first live claim on it, or None."""
     runs = _with_key(client, experiment_id, run_key)
-    finished = list(filter(_a_result, runs))
+    finished = list(filter(tracking.reusable, runs))
     if finished:
         return Taken(max(finished, key=_order), True)
     live = _settle_stale(client, runs, grace or grace_seconds())
@@ -216,7 +209,7 @@ def settle(client: MlflowClient, experiment_id: str, run_key: str, run_id: str,
     """After creating claim `run_id`: None when it holds, else who has the key (a FINISHED run, or an
     earlier live claim). A claim that does not hold is deleted when `delete` (it trained nothing)."""
     runs = _with_key(client, experiment_id, run_key)
-    finished = [r for r in runs if _a_result(r) and r.info.run_id != run_id]
+    finished = [r for r in runs if tracking.reusable(r) and r.info.run_id != run_id]
     live = _settle_stale(client, runs, grace or grace_seconds(), mine=run_id)
     first = min(live, key=_order) if live else None
     taken = Taken(max(finished, key=_order), True) if finished else (

@@ -138,9 +138,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a suite's ablations with the baseline (no training)",
                        description="Rebuild the comparison of the `ablations` suite that ran last (or --suite) "
                                    "from the tracking store alone: a table on the terminal, and comparison.csv, "
-                                   "comparison.md and "
-                                   "report.html in reports/<experiment>/<suite label>/ (the latest suite's also in "
-                                   "reports/<experiment>/latest/), also logged on the suite's run.")
+                                   "comparison.md and report.html in reports/<experiment>/<suite label>/ (the "
+                                   "latest suite's also in reports/<experiment>/latest/), also logged on the "
+                                   "suite's run.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the spec's, msa-ablations)")
     p.add_argument("--suite", metavar="RUN_ID|LABEL",
                    help="the suite's parent run id (or its first digits), or its label (its folder under "

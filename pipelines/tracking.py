@@ -82,6 +82,7 @@ for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQ
                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
     os.environ.setdefault(_key, _value)
 SQLITE_HEADER = b"SQLite format 3\x00"
+SCORED_METRICS = ("test_MAE", "test_Corr")  # a run's result: without finite ones it is none to reuse
 
 
 def without_password(uri: str) -> str:
@@ -273,17 +274,20 @@ def run_name(ablation: str, seed: int) -> str:
     return f"{ablation}/seed-{seed}"
 
 
-def trained_as_asked(run: Any) -> bool:
-    """The run trained in the precision its config asked for: a bf16 run on a worker without native
-    bf16 falls back to fp32 (its `precision_used` tag), and is then no bf16 result to reuse."""
+def reusable(run: Any) -> bool:
+    """A FINISHED run that is a result to reuse for its run key: not one whose test scores came out
+    NaN (it trained to NaN, recorded FINISHED before such runs were failed), nor a bf16 run that
+    trained in fp32 (bf16 falls back where it is not native; its `precision_used` tag says so)."""
     used = run.data.tags.get("precision_used")
-    return used is None or used == run.data.params.get("train.precision", "fp32")
+    return (run.info.status == RunStatus.FINISHED
+            and (used is None or used == run.data.params.get("train.precision", "fp32"))
+            and all(math.isfinite(run.data.metrics[k]) for k in SCORED_METRICS if k in run.data.metrics))
 
 
 def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str]) -> dict[str, Any]:
-    """run_key -> the newest FINISHED run carrying it that holds a finite test score (one that trained
-    to NaN is no result to reuse) and trained as asked (`trained_as_asked`). (MLflow's filter has no
-    IN for tags, so the experiment's FINISHED runs are listed page by page and matched here.)"""
+    """run_key -> the newest FINISHED run carrying it that holds its test scores and is `reusable`.
+    (MLflow's filter has no IN for tags, so the experiment's FINISHED runs are listed page by page and
+    matched here.)"""
     wanted = set(keys)
     found: dict[str, Any] = {}
     token = None
@@ -292,8 +296,7 @@ def finished_runs(client: MlflowClient, experiment_id: str, keys: Iterable[str])
                                   order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
         for r in page:
             key = r.data.tags.get("run_key")
-            if key in wanted and trained_as_asked(r) and all(
-                    math.isfinite(r.data.metrics.get(f"test_{m}", math.nan)) for m in ("MAE", "Corr")):
+            if key in wanted and reusable(r) and all(k in r.data.metrics for k in SCORED_METRICS):
                 found.setdefault(key, r)
         token = page.token
         if not token:

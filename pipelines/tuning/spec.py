@@ -187,10 +187,6 @@ def _names_of(value: Any, ablations: Spec) -> bool:
     return isinstance(value, list) and all(isinstance(n, str) and n in ablations.ablations for n in value)
 
 
-_SCALARS = {"bool": (lambda v: isinstance(v, bool), "true or false"), "int": (is_int, "an integer"),
-            "float": (lambda v: _is_number(v), "a number")}
-
-
 def check_sampler(sampler: Mapping[str, Any], path: str) -> None:
     """`sampler.seed`, and each TPESampler argument annotated as a bool, an int or a float, of that
     type: the sampler itself checks few of them, and only once a trial asks it for values."""
@@ -202,7 +198,8 @@ def check_sampler(sampler: Mapping[str, Any], path: str) -> None:
         kinds = {t.strip() for t in annotation.split("|")} if isinstance(annotation, str) else set()
         if value is None and "None" in kinds:
             continue
-        if len(kinds - {"None"}) == 1 and (kind := (kinds - {"None"}).pop()) in _SCALARS:   # e.g. "bool | None"
+        kinds.discard("None")
+        if len(kinds) == 1 and (kind := kinds.pop()) in _SCALARS:   # e.g. "bool | None": a bool
             ok, what = _SCALARS[kind]
             if not ok(value):
                 raise SpecError(f"{path}: 'sampler.{key}' must be {what}, got {value!r}")
@@ -210,6 +207,11 @@ def check_sampler(sampler: Mapping[str, Any], path: str) -> None:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# A TPESampler argument's annotation -> how to check a value for it, and what to call it.
+_SCALARS = {"bool": (lambda v: isinstance(v, bool), "true or false"), "int": (is_int, "an integer"),
+            "float": (_is_number, "a number")}
 
 
 def _parse_confirm(raw: Any, seeds: tuple[int, ...], path: str) -> Confirm:
