@@ -178,6 +178,13 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
             client.set_model_version_tag(experiment, version, k, v)
         client.update_model_version(experiment, version, description=description)
     client.set_registered_model_alias(experiment, CHAMPION, version)
+    # Two suites on this data crowning at once both read the registry before either wrote to it, and
+    # the later alias wins: read it again now that ours is written, and hand the title to a better one.
+    rival, recorded = _best_on(client, experiment, data_digest, select_key, best.higher)
+    if rival is not None and str(rival.version) != str(version) and is_better(recorded.mean, best.mean,
+                                                                                higher=best.higher):
+        client.set_registered_model_alias(experiment, CHAMPION, recorded.version)
+        return recorded, recorded.line() + skipped
     champion = Champion(experiment, str(version), best.ablation, seed, run_id, select_key, best.mean, best.std,
                         len(best.scores), moved=True)
     return champion, champion.line() + skipped

@@ -162,6 +162,27 @@ def test_a_version_chosen_again_on_fewer_seeds_keeps_its_evidence(store, suite_r
     assert latest.tags["suite"] == "suite-c" and "suite `suite-c`" in latest.description
 
 
+def test_of_two_suites_crowning_at_once_the_better_keeps_the_title(store, suite_recorder, tiny_data, monkeypatch):
+    """B read the registry before A's version was in it (a stale read), so both checks passed and B,
+    the worse, set the alias last: B reads again after writing and hands the title back."""
+    client, exp_id = tracking.setup(EXPERIMENT)
+    recorder = suite_recorder(client, exp_id)
+    pid_a, rows_a = _suite(recorder, tiny_data, DESIGN)                                 # text_only, 0.59
+    worse = {"baseline": DESIGN["baseline"]}                                           # 0.51
+    pid_b, rows_b = _suite(recorder, tiny_data, worse)
+    a, _ = _crown(client, exp_id, pid_a, rows_a, tiny_data.digest)
+    best_on, reads = registry._best_on, []
+
+    def stale_first(*args, **kwargs):
+        reads.append(1)
+        return (None, None) if len(reads) == 1 else best_on(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_best_on", stale_first)
+    b, line = _crown(client, exp_id, pid_b, rows_b, tiny_data.digest, label="suite-b")
+    assert str(client.get_model_version_by_alias(EXPERIMENT, "champion").version) == a.version
+    assert b.version == a.version and "champion unchanged" in line
+
+
 def test_no_validation_scores_no_champion(store, suite_recorder):
     client, exp_id = tracking.setup("no-val")
     recorder = suite_recorder(client, exp_id)
