@@ -115,7 +115,7 @@ class Engine:
         where = f" on {self.device}" if self.uses_gpu else ""
         if self.scheduler:
             return f"{n_jobs} {what} on the Dask cluster at {self.scheduler}{where}"
-        n = self.local_workers(workers)
+        n = self.local_workers(min(workers, max(1, n_jobs)))  # as run_jobs caps it
         return f"{n_jobs} {what} on {n} worker(s) x {threads_per_worker(n)} thread(s){where}"
 
 
@@ -166,6 +166,7 @@ def run_jobs(jobs: Sequence[Job], work: Work, *, setup: Callable[[], Any], worke
     engine = engine or Engine.from_env()
     if not jobs:
         return []
+    workers = min(workers, len(jobs))  # --workers 500 for 13 runs: 13 processes, each holding torch, not 500
     threads = engine.threads(workers)
     if engine.scheduler is not None:
         return _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engine, start_together)

@@ -74,5 +74,6 @@ def test_the_engine_says_where_runs_go(monkeypatch):
     monkeypatch.setenv("MSA_SCHEDULER", "tcp://10.0.0.1:8786")
     assert Engine.from_env() == Engine(scheduler="tcp://10.0.0.1:8786")
     assert Engine.from_env().describe(2, 13) == "13 runs on the Dask cluster at tcp://10.0.0.1:8786"
+    assert Engine().describe(500, 13).startswith("13 runs on 13 worker(s) x 1 thread(s)")   # no idle processes
     gpu = Engine(device="cuda", gpu_slots=4)
     assert gpu.local_workers(2) == 4 and gpu.describe(2, 13).endswith("on cuda")

@@ -60,6 +60,12 @@ def test_describe():
     assert describe(2, 13).startswith("13 runs on 2 worker(s) x ")
 
 
+def test_no_more_workers_start_than_there_are_jobs():
+    """--workers 8 for one run: it trains in this process, not in one of 8 that each import torch."""
+    outcomes = run_jobs([1], work, setup=Setup(), workers=8, on_event=lambda e: None)
+    assert outcomes[0][3] == os.getpid()
+
+
 class KillsItsWorker:
     """Picklable: a job that kills its worker process (as the kernel's OOM killer would), every time
     or only on its first attempt."""
