@@ -2,6 +2,7 @@
 store alone: the statistics, the table, the store reads and the terminal/markdown/HTML reports."""
 
 from pipelines.comparison.bootstrap import (
+    BOTH_LEVELS,
     bootstrap_difference,
     counts_of,
     direction_mark,
@@ -46,6 +47,7 @@ __all__ = [
     "CompareError",
     "Comparison",
     "RunRecord",
+    "BOTH_LEVELS",
     "bootstrap_difference",
     "compare",
     "counts_of",

@@ -81,34 +81,39 @@ def _safe_divide(num: np.ndarray, den: np.ndarray, floor: float = 0.0) -> np.nda
     return np.divide(num, den, out=np.full(np.shape(num), np.nan), where=den > floor)
 
 
+BOTH_LEVELS = "bootstrap over test samples and seeds"  # the test, in the words every report uses
+
+
 def bootstrap_difference(ablation: dict[int, np.ndarray], baseline: dict[int, dict[str, np.ndarray]],
-                         label: np.ndarray, weights: np.ndarray,
-                         rng: np.random.Generator) -> tuple[dict[str, np.ndarray], str]:
-    """Bootstrap distribution of (ablation - baseline) for every metric, and the test used, in words.
+                         label: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Bootstrap distribution of (mean over the ablation's seeds - mean over the baseline's) for every
+    metric, over both sources of noise in it (Bouthillier et al., 2021, "Accounting for variance in
+    machine learning benchmarks"):
+    - test samples: each draw's resample of them (`weights`) scores every run of both sides, so the
+      difference is paired on samples;
+    - seeds: each draw takes each side's seeds with replacement, independently (a seed number means
+      nothing across two configs). With one seed on a side, its seed-to-seed spread is unknown and
+      left out: `markable` says so.
 
     `ablation` maps seed -> test predictions; `baseline` maps seed -> the baseline's
-    `resampled_metrics` on `weights`. Seeds both have are paired: the same resamples of test samples
-    score both runs of a seed, and the per-seed differences are averaged over the shared seeds. With
-    no shared seed, the ablation's runs get resamples of their own (an unpaired bootstrap).
-    """
-    shared = sorted(set(ablation) & set(baseline))
-    if shared:
-        diffs = [_subtract(resampled_metrics(ablation[s], label, weights), baseline[s]) for s in shared]
-        whole = len(shared) == len(ablation) == len(baseline)
-        seeds = f"{len(shared)} seed{'s' if len(shared) > 1 else ''}"
-        return _mean_of(diffs), f"paired, {seeds}" if whole else \
-            f"paired on seed {', '.join(map(str, shared))} only; Δ uses every seed"
-    own = resample_weights(len(label), weights.shape[0], rng)
-    mine = _mean_of([resampled_metrics(p, label, own) for p in ablation.values()])
-    return _subtract(mine, _mean_of(list(baseline.values()))), "unpaired (no seed shared with the baseline)"
+    `resampled_metrics` on `weights`."""
+    mine = {seed: resampled_metrics(p, label, weights) for seed, p in ablation.items()}
+    a, b = _over_seeds(mine, rng), _over_seeds(baseline, rng)
+    return {m: a[m] - b[m] for m in METRIC_NAMES}
 
 
-def _subtract(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: a[k] - b[k] for k in a}
+def _over_seeds(per_seed: dict[int, dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each draw's mean over a resample (with replacement) of the seeds, {metric: (B,)}."""
+    stacked = {m: np.stack([per_seed[s][m] for s in sorted(per_seed)]) for m in METRIC_NAMES}  # (k, B) each
+    k, draws = stacked[METRIC_NAMES[0]].shape
+    pick = rng.integers(0, k, size=(draws, k))                       # the same seeds for every metric of a draw
+    return {m: x[pick, np.arange(draws)[:, None]].mean(axis=1) for m, x in stacked.items()}
 
 
-def _mean_of(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.mean([d[k] for d in items], axis=0) for k in items[0]}
+def markable(n_ablation: int, n_baseline: int) -> bool:
+    """Whether a difference may be marked ▲/▼: both sides on 2 seeds or more, so that the interval
+    holds their seed-to-seed spread (SPEC: a one-seed difference is mostly noise)."""
+    return min(n_ablation, n_baseline) >= 2
 
 
 def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -122,18 +127,18 @@ def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
-# Half a unit of the reports' last printed digit: an interval inside (-NEGLIGIBLE, NEGLIGIBLE) prints as
-# [+0.000, +0.000] and is no difference, even when float noise keeps 0 just outside it (two runs of one
-# model whose predictions differ by rounding only, seen in a study whose winner was the baseline's config).
-NEGLIGIBLE = 5e-4
+# The reports print an interval's ends with this many decimals; the mark is decided on what they show,
+# so that [+0.000, +0.031] is never marked ▲, nor [+0.000, +0.000] (two runs of one model whose
+# predictions differ by float rounding only, seen in a study whose winner was the baseline's config).
+PRINTED_DIGITS = 3
 
 
 def direction_mark(metric: str, ci_low: float, ci_high: float) -> str:
-    """▲ better / ▼ worse than the baseline when the interval excludes 0, else ~ (or '' if unknown).
-    An interval that lies within ±NEGLIGIBLE of 0 counts as containing it."""
+    """▲ better / ▼ worse than the baseline when the interval, as printed, excludes 0, else ~ (or ''
+    if unknown)."""
     if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
         return ""
-    if ci_low <= 0 <= ci_high or max(abs(ci_low), abs(ci_high)) < NEGLIGIBLE:
+    if round(ci_low, PRINTED_DIGITS) <= 0 <= round(ci_high, PRINTED_DIGITS):
         return SAME
     higher = ci_low > 0
     return BETTER if higher == HIGHER_IS_BETTER[metric] else WORSE

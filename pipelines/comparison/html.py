@@ -191,7 +191,7 @@ def to_html(c: Comparison) -> str:
     parts.append(f'<p class="note">{html.escape(legend(c.baseline))} Test used: {html.escape(c.test)}</p>')
     special = special_tests(c)
     if special:
-        parts.append('<p class="note">Rows not paired on every seed: ' + html.escape("; ".join(special)) + "</p>")
+        parts.append('<p class="note">Rows with a note on their test: ' + html.escape("; ".join(special)) + "</p>")
 
     parts.append("<h2>Key metrics</h2>")
     parts.append('<div class="grid">' + "".join(_img(_metric_chart(c, m), f"test {m} per ablation")

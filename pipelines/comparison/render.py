@@ -8,6 +8,7 @@ import math
 import pandas as pd
 
 from msa.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+from pipelines.comparison.bootstrap import BOTH_LEVELS
 from pipelines.comparison.model import (
     BETTER,
     DISPLAY_ORDER,
@@ -59,14 +60,15 @@ def direction(m: str) -> str:
 def legend(baseline: str = "baseline") -> str:
     against = "the baseline" if baseline == "baseline" else f"'{baseline}' (the baseline here)"
     return (f"{BETTER} better / {WORSE} worse than {against} in the metric's own direction (MAE: lower is "
-            f"better): the 95% interval of the difference excludes 0. {SAME}: the interval contains 0, not "
-            "distinguishable from noise (so does one that prints as [+0.000, +0.000]).")
+            f"better): the 95% interval of the difference, as printed, excludes 0. {SAME}: it contains 0, not "
+            "distinguishable from the noise of test samples and seeds. No mark: one seed on a side, whose "
+            "seed-to-seed spread is unknown.")
 
 
 def special_tests(c: Comparison) -> list[str]:
-    """Rows whose interval was not the paired bootstrap, with why."""
-    return [f"{a}: {t}" for a, t in c.table["test"].items()
-            if c.table.loc[a, "role"] == "ablation" and not t.startswith("paired, ")]
+    """Rows whose test is not the full one (no interval, no mark, runs left out of it), with why."""
+    return [f"{a}: {t}" for a, t in c.table["test"].items() if c.table.loc[a, "role"] == "ablation"
+            and not (t.startswith(BOTH_LEVELS) and ":" not in t and ";" not in t)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,8 +91,7 @@ def format_table(c: Comparison) -> str:
             cells.append(f"{(mean_std(row, m) + delta).rstrip():<{cell_width}}")
         lines.append(f"{ablation:<20} {n_runs(row):>2}  " + "".join(cells).rstrip())
     lines.append(legend(c.baseline))
-    lines.append("Intervals: paired bootstrap over test samples, runs paired by seed "
-                 "(comparison.md says exactly how).")
+    lines.append(f"Intervals: {BOTH_LEVELS} (comparison.md says exactly how).")
     lines += [f"  {line}" for line in special_tests(c)]
     lines += [f"Left out: {note}" for note in c.left_out]
     if c.n_running:

@@ -11,9 +11,11 @@ import pandas as pd
 
 from msa.metrics import METRIC_NAMES
 from pipelines.comparison.bootstrap import (
+    BOTH_LEVELS,
     bootstrap_difference,
     direction_mark,
     interval,
+    markable,
     resample_weights,
     resampled_metrics,
 )
@@ -46,14 +48,17 @@ def summarise(records: list[RunRecord], order: list[str], baseline: str, *, orac
         row: dict[str, Any] = {"ablation": ablation, "role": "baseline" if ablation == baseline else "ablation",
                                "seeds": ",".join(str(r.seed) for r in runs)}
         draws, row["test"] = None, _no_test_reason(ablation, baseline, runs, predictions)
+        marks = False
         if not row["test"]:
-            draws, row["test"] = bootstrap_difference(predictions[ablation], base_boot, label, weights, rng)
+            draws = bootstrap_difference(predictions[ablation], base_boot, label, weights, rng)
+            row["test"], marks = _test_words(runs, predictions[ablation], by_ablation[baseline],
+                                             predictions[baseline])
         for m in METRIC_NAMES:
             mean, std, n = _stats([r.test_metrics.get(m) for r in runs])
             low, high = interval(draws[m]) if draws else (math.nan, math.nan)
             row |= {f"{m}_mean": mean, f"{m}_std": std, f"{m}_n": n, f"{m}_delta": mean - base_means[m],
                     f"{m}_ci_low": low, f"{m}_ci_high": high,
-                    f"{m}_mark": "" if ablation == baseline else direction_mark(m, low, high)}
+                    f"{m}_mark": direction_mark(m, low, high) if marks else ""}
         rows.append(row)
     if oracle:
         row = {"ablation": ORACLE, "role": ORACLE, "seeds": "", "test": "best reachable score (noise-free labels)"}
@@ -74,6 +79,20 @@ def _stats(values: list[float | None]) -> tuple[float, float, int]:
     if x.size == 0:
         return math.nan, math.nan, 0
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan, int(x.size)
+
+
+def _test_words(runs: list[RunRecord], predicted: dict[int, np.ndarray], base_runs: list[RunRecord],
+                base_predicted: dict[int, np.ndarray]) -> tuple[str, bool]:
+    """The row's test in words (it starts with BOTH_LEVELS when it is the full one), and whether its
+    difference may be marked."""
+    words = f"{BOTH_LEVELS}, {len(predicted)} vs {len(base_predicted)} seeds"
+    marks = markable(len(predicted), len(base_predicted))
+    if not marks:
+        words += ": one seed on a side leaves its seed-to-seed spread out of the interval, so no mark"
+    missing = len(runs) - len(predicted) + len(base_runs) - len(base_predicted)
+    if missing:
+        words += f"; {missing} run(s) without test predictions are in Δ but not in the interval"
+    return words, marks
 
 
 def _no_test_reason(ablation: str, baseline: str, runs: list[RunRecord],
@@ -104,11 +123,11 @@ def _test_labels(records: list[RunRecord]) -> np.ndarray | None:
 
 def describe_test(n_boot: int, n_test: int) -> str:
     """The statistical test, in the words every report uses."""
-    return (f"paired bootstrap over test samples: {n_boot} resamples (with replacement) of the {n_test} test "
-            "samples, the same resample applied to an ablation's run and the baseline's run of the same seed; "
-            "each metric recomputed on the resample, the difference averaged over the seeds both share; "
-            "95% percentile interval of that difference. Rows marked 'unpaired' share no seed with the "
-            "baseline and resample each side independently. Seed-to-seed spread is the std column.")
+    return (f"{BOTH_LEVELS}: {n_boot} draws, each a resample (with replacement) of the {n_test} test samples, "
+            "applied to every run of both sides, and of each side's seeds, independently; each metric recomputed "
+            "on the resampled samples, averaged over the resampled seeds, the baseline's average subtracted; "
+            "95% percentile interval of that difference. It holds both the test set's sampling noise and the "
+            "seed-to-seed spread; a row with one seed on a side has no mark (its spread is unknown).")
 
 
 def modality_subsets(records: list[RunRecord], baseline: str) -> dict[str, tuple[str, ...]]:

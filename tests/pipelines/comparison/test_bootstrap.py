@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from msa.metrics import METRIC_NAMES, eval_mosi_regression
-from pipelines.comparison import counts_of, direction_mark, interval, resampled_metrics
+from pipelines.comparison import (
+    bootstrap_difference,
+    counts_of,
+    direction_mark,
+    interval,
+    resample_weights,
+    resampled_metrics,
+)
+from pipelines.comparison.bootstrap import markable
 
 
 def test_resampled_metrics_match_eval_mosi_regression():
@@ -33,8 +41,28 @@ def test_interval_and_mark_follow_the_metric_direction():
     assert all(math.isnan(x) for x in interval(np.full(10, np.nan)))       # undefined throughout: no interval
 
 
-def test_an_interval_that_prints_as_zero_is_no_difference():
+def test_the_mark_follows_the_interval_as_printed():
     # Two runs of one model that differ by float rounding only: the interval is [+1e-8, +3e-8], which excludes 0
-    # but reads [+0.000, +0.000]; marking it ▼ would report a difference nobody can see.
+    # but reads [+0.000, +0.000]; marking it ▼ would report a difference nobody can see. So for [+0.000, +0.001].
     assert direction_mark("MAE", 1e-8, 3e-8) == "~" and direction_mark("Corr", -3e-8, -1e-8) == "~"
-    assert direction_mark("MAE", 1e-8, 6e-4) == "▼" and direction_mark("Corr", 6e-4, 2e-3) == "▲"
+    assert direction_mark("MAE", 1e-8, 6e-4) == "~" and direction_mark("Corr", 4e-4, 0.031) == "~"
+    assert direction_mark("MAE", 6e-4, 2e-3) == "▼" and direction_mark("Corr", 6e-4, 2e-3) == "▲"
+
+
+def test_the_interval_holds_the_seed_to_seed_spread():
+    """Both sides with the same mean error, one with runs that agree and one with runs that scatter
+    from seed to seed: the scatter widens the interval; the test samples alone would not show it."""
+    rng = np.random.default_rng(0)
+    label = np.round(rng.uniform(-3, 3, 686) * 5) / 5
+    noise = {s: np.random.default_rng(s).normal(0, 0.8, 686) for s in (1, 2, 3)}
+    weights = resample_weights(686, 2000, np.random.default_rng(1))
+    baseline = {s: resampled_metrics(label + noise[s], label, weights) for s in noise}
+    agree = {s: label + noise[s] * 1.0 for s in noise}
+    scatter = {s: label + noise[s] * scale for s, scale in zip(noise, (0.7, 1.0, 1.3))}
+    width = {}
+    for name, runs in (("agree", agree), ("scatter", scatter)):
+        low, high = interval(bootstrap_difference(runs, baseline, label, weights, np.random.default_rng(2))["MAE"])
+        assert low <= 0 <= high, name
+        width[name] = high - low
+    assert width["scatter"] > 2 * width["agree"], width
+    assert not markable(1, 3) and not markable(3, 1) and markable(2, 2)

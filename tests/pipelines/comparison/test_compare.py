@@ -1,5 +1,6 @@
 """The comparison on a hand-made tracking store: known metrics, known differences, no training."""
 
+import math
 import os
 import re
 import time
@@ -125,7 +126,7 @@ def test_interval_covers_the_known_difference_and_marks_the_direction(made):
     assert improved["MAE_ci_low"] < observed < improved["MAE_ci_high"]
     assert improved["MAE_mark"] == "▲" and improved["Corr_mark"] == "▲"      # MAE: lower is better
     assert improved["Corr_ci_low"] > 0
-    assert improved["test"] == "paired, 3 seeds"
+    assert improved["test"] == "bootstrap over test samples and seeds, 3 vs 3 seeds"
 
     same = table.loc["same"]                                                # identical predictions
     for m in ("Corr", "MAE", "Has0_acc_2", "Mult_acc_7"):
@@ -133,8 +134,10 @@ def test_interval_covers_the_known_difference_and_marks_the_direction(made):
 
     worse = table.loc["vision_only"]
     assert worse["MAE_ci_low"] > 0 and worse["MAE_mark"] == "▼" and worse["Corr_mark"] == "▼"
-    assert table.loc["lonely", "test"].startswith("unpaired")
-    assert table.loc["text_only", "test"] == "paired on seed 1 only; Δ uses every seed"
+    for lone in ("lonely", "text_only"):                                  # one seed: its spread is unknown
+        assert table.loc[lone, "test"] == ("bootstrap over test samples and seeds, 1 vs 3 seeds: one seed on a "
+                                           "side leaves its seed-to-seed spread out of the interval, so no mark")
+        assert math.isfinite(table.loc[lone, "MAE_ci_low"]) and table.loc[lone, "MAE_mark"] == ""
 
 
 def test_oracle_row_and_synthetic_label(made):
@@ -179,7 +182,7 @@ def test_outputs_are_written_and_logged_on_the_parent_run(made):
             assert f"{m}_{stat}" in csv.columns
 
     md = c.paths["comparison.md"].read_text()
-    assert SYNTHETIC_BANNER in md and "Test used: paired bootstrap over test samples" in md
+    assert SYNTHETIC_BANNER in md and "Test used: bootstrap over test samples and seeds" in md
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| **baseline** | 3 |")                    # baseline first, n seeds
     assert "Without text (vision_audio)" in md and "Strongest single modality: text (text_only" in md
@@ -191,7 +194,7 @@ def test_html_report_is_self_contained(made):
     assert len(sources) >= 6 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="https?:', page) and "<script" not in page and "<link" not in page
     assert SYNTHETIC_BANNER in page and "Which modalities matter" in page and "Validation curves" in page
-    assert "paired bootstrap over test samples" in page
+    assert "bootstrap over test samples and seeds" in page
 
 
 def test_cli_compare_rebuilds_from_the_store_alone(in_store, capsys):
