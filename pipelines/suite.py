@@ -10,6 +10,7 @@ as the experiment's champion.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -67,6 +68,7 @@ class SuiteResult:
     seconds: float
     champion: Champion | None = None   # the experiment's registered champion after this suite
     champion_note: str | None = None   # the line saying who it is, or why there is none
+    data_args: str = "--data synthetic"  # `predict`'s options for the data the suite ran on
 
     @property
     def failed(self) -> list[SuiteRow]:
@@ -174,7 +176,9 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
             client.log_text(parent_id, json.dumps([r.to_json() for r in ordered], indent=1), SUITE_FILE)
             client.set_tag(parent_id, "failed_runs", str(sum(not r.status.usable for r in ordered)))
             note(rows=ordered, cached_runs=cached)
-    result = SuiteResult(spec.experiment, experiment_id, parent_id, ordered, data.synthetic, progress.elapsed)
+    result = SuiteResult(spec.experiment, experiment_id, parent_id, ordered, data.synthetic, progress.elapsed,
+                         data_args="--data synthetic" + (" --quick" if quick else "") if source == "synthetic"
+                         else f"--data {shlex.quote(data.source)}")
     result.champion, result.champion_note = _crown(client, spec, data, result, key)
     if result.champion is not None:
         client.set_tag(parent_id, "champion", f"{result.champion.uri} (version {result.champion.version})")
@@ -269,8 +273,8 @@ def report(result: SuiteResult, comparison: Comparison | None = None, note: str 
     if result.champion_note:
         print(result.champion_note[0].upper() + result.champion_note[1:], file=stream)
     if result.champion is not None:
-        print(f"Predict: python -m pipelines.run predict --model {result.champion.uri} --data FILE|synthetic",
-              file=stream)
+        print(f"Predict: python -m pipelines.run predict --model {result.champion.uri} {result.data_args}  "
+              "(or --data FILE: your own)", file=stream)
     print(f"Browse: {tracking.ui_hint(result.experiment_id)}", file=stream)
     if tracking.is_local_store():
         print(f"Curves: tensorboard --logdir {tracking.tensorboard_dir(result.experiment)}", file=stream)

@@ -2,10 +2,11 @@
 when the file has labels.
 
 What loading trusts: the models are stored in MLflow's pickle format (see `train._log_model`), and
-unpickling runs whatever code the file names. `predict` therefore allows pickle loading
-(MLFLOW_ALLOW_PICKLE_DESERIALIZATION) for the moment it loads a model, in its own process only: load
-models from a tracking store that you, or people you trust, wrote to; never from a folder someone sent
-you. The data file, in contrast, is read with the restricted unpickler of `msa.data`, like everywhere.
+unpickling runs whatever code the file names. `predict` allows pickle loading
+(MLFLOW_ALLOW_PICKLE_DESERIALIZATION) for the moment it loads a model, unless the user set that
+variable (false: then it cannot load, and says so): load models from a tracking store that you, or
+people you trust, wrote to; never from a folder someone sent you. The data file, in contrast, is read
+with the restricted unpickler of `msa.data`, like everywhere.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def resolve(uri: str, client: MlflowClient | None) -> tuple[str, str, str | None
 
 def signature_dims(uri: str) -> dict[str, int]:
     """modality -> features per step, from the model's input signature (in the order it takes them)."""
-    try:
-        signature = mlflow.models.get_model_info(uri).signature
+    try:  # a model folder's own MLmodel: get_model_info would look its model id up in a tracking store
+        signature = (mlflow.models.Model.load(uri) if Path(uri).is_dir() else mlflow.models.get_model_info(uri)
+                     ).signature
     except (MlflowException, OSError) as e:
         raise PredictError(f"--model {uri}: cannot read the model ({str(e).splitlines()[0]})") from None
     if signature is None or signature.inputs is None:
@@ -130,15 +132,16 @@ def check_dims(model_dims: dict[str, int], data: MOSIData) -> None:
 
 @contextmanager
 def _pickle_allowed():
+    """Pickle loading allowed while the model loads, unless the user set PICKLE_ENV (false: their choice)."""
     before = os.environ.get(PICKLE_ENV)
+    if before is not None:
+        yield
+        return
     os.environ[PICKLE_ENV] = "true"
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(PICKLE_ENV, None)
-        else:
-            os.environ[PICKLE_ENV] = before
+        os.environ.pop(PICKLE_ENV, None)
 
 
 def predict_data(found: FoundModel, data: MOSIData, split: str = "test", batch_size: int = 256) -> Predictions:
@@ -187,14 +190,19 @@ def _notes(found: FoundModel, data: MOSIData, splits: list[str]) -> list[str]:
     if found.run_id is None or found.client is None:
         return []
     try:
-        trained_on = found.client.get_run(found.run_id).data.tags.get("data_digest")
+        tags = found.client.get_run(found.run_id).data.tags
     except MlflowException:
         return []
+    notes = []
     seen = [s for s in splits if s in ("train", "valid")]
-    if trained_on == data.digest and seen:
-        return [f"note: the model was trained on this data; its {' and '.join(seen)} scores are not held out "
-                "(train fitted it, valid chose its checkpoint); only test is"]
-    return []
+    if tags.get("data_digest") == data.digest and seen:
+        notes.append(f"note: the model was trained on this data; its {' and '.join(seen)} scores are not held "
+                     "out (train fitted it, valid chose its checkpoint); only test is")
+    logged, here = tags.get("code_version"), tracking.code_version()
+    if logged and logged != here:
+        notes.append(f"note: the model's run recorded code {logged}, this checkout is {here}: predict runs this "
+                     "checkout's msa code (mlflow.pytorch.load_model in a fresh Python runs the model's own)")
+    return notes
 
 
 __all__ = ["SPLITS", "PredictError", "Predictions", "FoundModel", "find_model", "resolve", "signature_dims",

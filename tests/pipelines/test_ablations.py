@@ -1,5 +1,7 @@
 """The ablations pipeline end to end: every run recorded, nothing trained twice, nothing lost."""
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -36,9 +38,11 @@ def quick_suite(tmp_path_factory):
         mp.chdir(tmp)
         first_rc = main(["ablations", "--quick", "--workers", "2"])
         start = time.monotonic()
-        second_rc = main(["ablations", "--quick", "--workers", "2"])
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            second_rc = main(["ablations", "--quick", "--workers", "2"])
         yield {"client": MlflowClient(uri), "rcs": (first_rc, second_rc), "rerun_seconds": time.monotonic() - start,
-               "tmp": tmp}
+               "tmp": tmp, "rerun_said": said.getvalue()}
 
 
 def test_default_spec_has_the_lab_names():
@@ -156,6 +160,9 @@ def test_the_best_ablation_on_validation_is_the_champion(quick_suite):
     scores = {r.data.tags["ablation"]: validation_score(client, r, "val_Corr", True) for r in _children(client)}
     assert version.tags["ablation"] == max(scores, key=scores.get)      # one seed: the best run on validation
     assert "SYNTHETIC" in version.description
+    # The command it prints runs as printed, on the data the suite ran on.
+    assert ("Predict: python -m pipelines.run predict --model models:/msa-ablations@champion --data synthetic "
+            "--quick  (or --data FILE: your own)") in quick_suite["rerun_said"]
 
 
 def test_rerun_of_a_finished_suite_trains_nothing_and_resumes_its_parent(quick_suite):

@@ -140,6 +140,37 @@ def test_every_uri_form_loads(at, uri, capsys):
     assert len(pd.read_csv(out)) == 24 and "valid (24 samples)" in capsys.readouterr().out
 
 
+def test_a_downloaded_model_folder_predicts_anywhere_without_a_store(at, capsys, tmp_path, monkeypatch):
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{EXPERIMENT}@champion", dst_path=str(tmp_path / "m")))
+    expected = _expected(at)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    out = elsewhere / "preds.csv"
+    assert main(["predict", "--model", str(folder), "--data", str(at["tmp"] / "labelled.pkl"), "--out", str(out)]) == 0
+    np.testing.assert_allclose(pd.read_csv(out)["prediction"], expected, rtol=1e-5, atol=1e-6)
+    assert "(a model folder)" in capsys.readouterr().out
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["preds.csv"]          # no store made on the way
+
+
+def test_a_model_of_other_code_is_said_and_a_user_who_refuses_pickles_is_heard(at, capsys, monkeypatch):
+    client = at["client"]
+    client.set_tag(at["run_id"], "code_version", "0123456789ab")
+    try:
+        assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
+                     "--out", str(at["tmp"] / "p.csv")]) == 0
+    finally:
+        client.delete_tag(at["run_id"], "code_version")
+    assert ("note: the model's run recorded code 0123456789ab, this checkout is "
+            f"{tracking.code_version()}: predict runs this checkout's msa code") in capsys.readouterr().out
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")    # the user's choice, kept
+    assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
+                 "--out", str(at["tmp"] / "p.csv")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --model models:/{EXPERIMENT}@champion: cannot load it (")
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+
+
 def test_dims_that_do_not_fit_the_model_are_one_line(at, capsys):
     out = at["tmp"] / "never.csv"
     assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "wide.pkl",
