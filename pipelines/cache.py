@@ -4,6 +4,7 @@ store that a new local store starts as a copy of. Deleting the folder loses noth
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -51,9 +52,15 @@ def _empty_store() -> Path:
     if template.exists():
         return template
     template.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..." mid-output
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
         db = Path(tmp) / "store.db"
-        store = SqlAlchemyStore(f"sqlite:///{db}", Path(tmp).as_uri())
+        try:
+            store = SqlAlchemyStore(f"sqlite:///{db}", Path(tmp).as_uri())
+        finally:
+            quiet.setLevel(level)
         store.engine.dispose()
         with sqlite3.connect(db) as con:
             con.execute("DELETE FROM experiment_tags")

@@ -73,7 +73,8 @@ def ui_hint(experiment_id: str | None = None) -> str:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{page} in a browser"
-    return (f"mlflow ui --backend-store-uri {uri} --workers 1  (then open http://127.0.0.1:5000{page})")
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} --workers 1  "
+            f"(then open http://127.0.0.1:5000{page})")
 
 
 # A tracking server that does not answer must not hold a command for minutes (MLflow's own default

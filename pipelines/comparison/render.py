@@ -66,9 +66,13 @@ def legend(baseline: str = "baseline") -> str:
 
 
 def special_tests(c: Comparison) -> list[str]:
-    """Rows whose test is not the full one (no interval, no mark, runs left out of it), with why."""
-    return [f"{a}: {t}" for a, t in c.table["test"].items() if c.table.loc[a, "role"] == "ablation"
-            and not (t.startswith(BOTH_LEVELS) and ":" not in t and ";" not in t)]
+    """Rows whose test is not the full one (no interval, no mark, runs left out of it), with why: one
+    line per reason, naming its rows (a --quick suite's one-seed note once, not once per ablation)."""
+    rows: dict[str, list[str]] = {}
+    for a, t in c.table["test"].items():
+        if c.table.loc[a, "role"] == "ablation" and not (t.startswith(BOTH_LEVELS) and ":" not in t and ";" not in t):
+            rows.setdefault(t, []).append(a)
+    return [f"{', '.join(names)}: {t}" for t, names in rows.items()]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def test_the_best_ablation_on_validation_is_the_champion(quick_suite):
     # The command it prints runs as printed, on the data the suite ran on.
     assert ("Predict: python -m pipelines.run predict --model models:/msa-ablations@champion --data synthetic "
             "--quick  (or --data FILE: your own)") in quick_suite["rerun_said"]
+    assert "Browse: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri" in quick_suite["rerun_said"]
 
 
 def test_rerun_of_a_finished_suite_trains_nothing_and_resumes_its_parent(quick_suite):

@@ -8,8 +8,9 @@ from pipelines import tracking
 from pipelines.cache import cache_dir, seed_sqlite_store
 
 
-def test_a_new_store_is_a_copy_that_mlflow_opens_as_its_own(store, tmp_path):
+def test_a_new_store_is_a_copy_that_mlflow_opens_as_its_own(store, tmp_path, capfd):
     client, exp_id = tracking.setup("seeded")
+    assert "Creating initial MLflow database tables" not in capfd.readouterr().err   # the template, made quietly
     db = tmp_path / "mlruns" / "mlflow.db"
     assert db.exists() and list(cache_dir().glob("mlflow-*-empty-store.db"))
     default = client.get_experiment("0")  # MLflow's Default experiment, made for this store, not the template's

@@ -138,6 +138,10 @@ def test_interval_covers_the_known_difference_and_marks_the_direction(made):
         assert table.loc[lone, "test"] == ("bootstrap over test samples and seeds, 1 vs 3 seeds: one seed on a "
                                            "side leaves its seed-to-seed spread out of the interval, so no mark")
         assert math.isfinite(table.loc[lone, "MAE_ci_low"]) and table.loc[lone, "MAE_mark"] == ""
+    from pipelines.comparison.render import special_tests
+
+    assert special_tests(made["c"]) == [f"text_only, lonely: {table.loc['lonely', 'test']}",   # said once
+                                        "crashed: no finished run"]
 
 
 def test_oracle_row_and_synthetic_label(made):
