@@ -166,6 +166,7 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
             raise
         except KeyboardInterrupt:
             end(TrialState.FAIL, None, "interrupted")
+            _queue_again(trial)
             raise
         except Exception as e:
             end(TrialState.FAIL, None, f"{type(e).__name__}: {e}")
@@ -175,6 +176,21 @@ def objective(trial: optuna.Trial, setup: TrialSetup, data: MOSIData, *, where: 
         handle.status = RunStatus.FINISHED if finite else RunStatus.FAILED
         end(TrialState.COMPLETE if finite else TrialState.FAIL, value, None if finite else f"the objective is {value}")
     return value
+
+
+REQUEUED = "requeued"  # user attr of an interrupted trial whose values were queued again
+
+
+def _queue_again(trial: optuna.Trial) -> None:
+    """An interrupted trial counts towards --trials as FAIL; its values (a start point's too) are queued
+    once more, and a queued trial always runs first, so the same command again trains it: "finish only
+    what is missing" holds for a study as for a suite. Best effort: the process is on its way out."""
+    try:
+        attrs = {k: v for k, v in trial.user_attrs.items() if k == "start_from"}
+        trial.study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+        trial.set_user_attr(REQUEUED, True)  # its retry counts towards --trials, not it
+    except Exception:  # the storage is out of reach: the trial stays FAIL, a later session samples anew
+        pass
 
 
 def trial_score(setup: TrialSetup, value: float) -> float:

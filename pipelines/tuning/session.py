@@ -28,12 +28,18 @@ from pipelines.stages.train import WorkerSetup
 from pipelines.tuning import confirm
 from pipelines.tuning.claim import TrialClaim
 from pipelines.tuning.handover import TUNED, default_study_name, save_best
-from pipelines.tuning.objective import SESSION_ATTR, Emit, TrialSetup, TrialTracking, objective
+from pipelines.tuning.objective import REQUEUED, SESSION_ATTR, Emit, TrialSetup, TrialTracking, objective
 from pipelines.tuning.search import make_pruner, make_sampler, session_seed
 from pipelines.tuning.spec import TuneError, TuneSpec
 from pipelines.tuning.storage import StorageSettings, open_storage, storage_label
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+def counted(study: optuna.Study, states: tuple[TrialState, ...] = COUNTED) -> int:
+    """The trials that count towards --trials: an interrupted one whose values were queued again does
+    not (its retry does)."""
+    return sum(not t.user_attrs.get(REQUEUED) for t in study.get_trials(deepcopy=False, states=states))
 
 
 class _QuietInterrupts(logging.Filter):
@@ -110,7 +116,7 @@ def optimize(job: WorkerJob, data: MOSIData, threads: int | None, emit: Emit) ->
         while job.timeout is None or time.monotonic() - started < job.timeout:
             with lock:
                 queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                if not queued and len(study.get_trials(deepcopy=False, states=COUNTED)) >= job.target:
+                if not queued and counted(study) >= job.target:
                     return
                 study.optimize(trial, n_trials=1, catch=(Exception,))  # Optuna runs a queued trial first
     finally:
@@ -194,7 +200,7 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
                           session_seed(int(spec.sampler.get("seed", 0)), n_before, w), spec, setup, where,
                           engine.threads(workers))
                 for w in range(workers)]
-        done = len(study.get_trials(deepcopy=False, states=COUNTED))
+        done = counted(study)
         print(f"study '{name}' ({storage_label(storage)}): {done} of {target} trials done or running; "
               f"{engine.describe(workers, workers, 'search loops')}, "
               f"{setup.epochs} epochs x {len(setup.seeds)} seed(s) per trial, validation {spec.metric} "
@@ -229,7 +235,7 @@ def _queue_start_points(study: optuna.Study, spec: TuneSpec, target: int, stream
     room: `--trials 1` runs one trial, and a later session with more trials queues the rest."""
     had = {t.user_attrs.get("start_from") for t in study.get_trials(deepcopy=False)}
     pending = [(start, values) for start, values in spec.start_from if start not in had]
-    room = max(0, target - len(study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.WAITING))))
+    room = max(0, target - counted(study, (*COUNTED, TrialState.WAITING)))
     for start, values in pending[:room]:
         study.enqueue_trial(values, user_attrs={"start_from": start}, skip_if_exists=True)
     if pending[room:]:
@@ -339,4 +345,4 @@ def summary(session: StudySession) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StudySession", "WorkerJob", "run_study", "optimize", "summary", "COUNTED"]
+__all__ = ["StudySession", "WorkerJob", "run_study", "optimize", "summary", "COUNTED", "counted"]

@@ -665,6 +665,33 @@ def test_a_failed_retraining_is_no_candidate_and_is_tried_again(tmp_path, store,
     assert again.choice.candidates == 1 and list(again.choice.seed_values) == [7, 8]
 
 
+def test_an_interrupted_trial_is_trained_by_the_same_command_again(tmp_path, store, monkeypatch):
+    """Ctrl-C in a trial (here the `improved` start point): the same command again trains it, and
+    `--trials 2` still means two trials trained to the end."""
+    import importlib
+
+    trials = importlib.import_module("pipelines.tuning.objective")   # the package exports a function of that name
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="start_from: [improved]\n"))
+    train, calls = trials._train_trial, []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(trials, "_train_trial", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_study(spec, quick=True, trials=2)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].user_attrs == {"start_from": "improved", "retry_of": 0}
+    tune.run_study(spec, quick=True, trials=2)
+    study = optuna.load_study(study_name="unit-quick", storage=tune.open_storage(None))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params and study.trials[1].user_attrs["start_from"] == "improved"
+
+
 def test_an_interrupted_trial_is_not_reported_by_optuna_with_a_traceback_but_other_failures_are():
     """Ctrl-C in `tune`: the trial's own line says "interrupted" and the command ends with one line;
     Optuna's warning with the KeyboardInterrupt's traceback would come between them."""
