@@ -221,8 +221,10 @@ def describe(choice: Choice, metric: str) -> str:
     spread = f" ± {choice.std:.4f}" if seeds > 1 else ""
     how = (f"best mean of {choice.candidates} top trial(s) re-trained" if choice.candidates
            else "best search value, not re-trained")
+    start = choice.trial.user_attrs.get("start_from")
+    own = f"; = the '{start}' ablation's own values: no sampled trial beat it" if start else ""
     return (f"trial {choice.trial.number}: validation {metric} {choice.mean:.4f}{spread} over {seeds} seed(s) "
-            f"({how}; search value {choice.trial.value:.4f})")
+            f"({how}; search value {choice.trial.value:.4f}{own})")
 
 
 __all__ = ["Choice", "ConfirmJob", "choose", "pending", "retrain", "attr_key", "pair_key", "top_trials", "seed_values",

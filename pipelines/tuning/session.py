@@ -338,7 +338,7 @@ def summary(session: StudySession) -> str:
         b = session.best
         lines.append(f"chosen: {confirm.describe(session.choice, session.metric)}" if session.choice is not None
                      else f"best: trial {b.number}, validation {session.metric} {b.value:.4f}")
-        lines += [f"  {k} = {v}" for k, v in b.params.items()]
+        lines += [f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}" for k, v in b.params.items()]
         lines.append(f"saved as ablation '{TUNED}': {session.best_path}")
     lines.append(f"tune run {session.parent_run_id} in experiment '{session.experiment}'"
                  + ("  (SYNTHETIC data)" if session.synthetic else ""))

@@ -665,6 +665,15 @@ def test_a_failed_retraining_is_no_candidate_and_is_tried_again(tmp_path, store,
     assert again.choice.candidates == 1 and list(again.choice.seed_values) == [7, 8]
 
 
+def test_the_summary_says_when_the_choice_is_a_start_points_own_values():
+    own = optuna.trial.create_trial(value=0.5, user_attrs={"start_from": "baseline", "override": {}})
+    sampled = optuna.trial.create_trial(value=0.6, user_attrs={"override": {}})
+    assert confirm.describe(confirm.Choice(own, {7: 0.5}, 0), "Corr").endswith(
+        "(best search value, not re-trained; search value 0.5000; = the 'baseline' ablation's own values: "
+        "no sampled trial beat it)")
+    assert "own values" not in confirm.describe(confirm.Choice(sampled, {7: 0.6}, 0), "Corr")
+
+
 def test_an_interrupted_trial_is_trained_by_the_same_command_again(tmp_path, store, monkeypatch):
     """Ctrl-C in a trial (here the `improved` start point): the same command again trains it, and
     `--trials 2` still means two trials trained to the end."""
