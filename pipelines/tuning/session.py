@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from msa.data import DataError, MOSIData
 from pipelines import claims, cores, tracking
 from pipelines.executor import Engine, run_jobs
+from pipelines.progress import fmt_duration
 from pipelines.spec import Spec, resolve_spec
 from pipelines.stages.prepare import prepare
 from pipelines.stages.train import WorkerSetup
@@ -34,6 +35,24 @@ from pipelines.tuning.spec import TuneError, TuneSpec
 from pipelines.tuning.storage import StorageSettings, open_storage, storage_label
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+class StudyEta:
+    """The search's ETA, said after each trial's line: the trials still to run at the rate this
+    session's trials have ended so far, all search loops together (pruned trials end early, so the
+    estimate follows the pruner's mix as it comes)."""
+
+    def __init__(self, to_run: int, clock=time.monotonic):
+        self.to_run, self.clock, self.start, self.ended = to_run, clock, clock(), 0
+
+    def after_trial(self, line: str) -> str:
+        if not line.startswith("trial "):  # a note (could not record, say), not a trial's end
+            return ""
+        self.ended += 1
+        left = self.to_run - self.ended
+        if left <= 0:
+            return ""
+        return f"  search ETA {fmt_duration((self.clock() - self.start) / self.ended * left)} ({left} to go)"
 
 
 def counted(study: optuna.Study, states: tuple[TrialState, ...] = COUNTED) -> int:
@@ -209,9 +228,11 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
                  if spec.confirm.top else ""),
               file=stream, flush=True)
 
+        eta = StudyEta(max(0, target - done))
+
         def on_event(event: dict[str, Any]) -> None:
             if event.get("event") == "trial":
-                print(event["line"], file=stream, flush=True)
+                print(event["line"] + eta.after_trial(event["line"]), file=stream, flush=True)
 
         try:
             worker_setup = WorkerSetup(source, quick, tracking.tracking_uri(), data.digest)

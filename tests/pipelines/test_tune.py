@@ -665,6 +665,20 @@ def test_a_failed_retraining_is_no_candidate_and_is_tried_again(tmp_path, store,
     assert again.choice.candidates == 1 and list(again.choice.seed_values) == [7, 8]
 
 
+def test_each_trial_line_ends_with_the_searchs_eta():
+    from pipelines.tuning.session import StudyEta
+
+    now = [100.0]
+    eta = StudyEta(4, clock=lambda: now[0])
+    now[0] = 110.0
+    assert eta.after_trial("trial    0  COMPLETE ...") == "  search ETA 30s (3 to go)"
+    assert eta.after_trial("confirm    0  seed 8 ...") == ""                 # a re-training, not a trial
+    now[0] = 150.0
+    assert eta.after_trial("trial    1  PRUNED ...") == "  search ETA 50s (2 to go)"
+    eta.after_trial("trial    2  PRUNED ...")
+    assert eta.after_trial("trial    3  COMPLETE ...") == ""                 # the last: nothing left
+
+
 def test_the_summary_says_when_the_choice_is_a_start_points_own_values():
     own = optuna.trial.create_trial(value=0.5, user_attrs={"start_from": "baseline", "override": {}})
     sampled = optuna.trial.create_trial(value=0.6, user_attrs={"override": {}})
