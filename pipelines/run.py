@@ -57,16 +57,14 @@ def _ablations(args: argparse.Namespace) -> int:
     extra = {}
     # Optuna (and the tuning package) only where a study can be found: its journal exists.
     if (not args.only or TUNED in args.only) and tracking.study_journal().is_file():
-        from pipelines.tuning import tune_spec_for, tuned_elsewhere, tuned_override
+        from pipelines.tuning import tuned_for
 
-        tune_spec = tune_spec_for(spec.path)
-        override = tuned_override(quick=args.quick, data_digest=data.digest, spec=tune_spec)
-        why_not = tuned_elsewhere(tune_spec, spec) if override is not None else None
-        if why_not is not None and args.only:  # asked for by name: it cannot be had
-            raise UserError(why_not)
-        if why_not is not None:
-            print(f"note: {why_not}", file=sys.stderr)
-        elif override is not None:
+        override, line = tuned_for(spec, quick=args.quick, data_digest=data.digest)
+        if override is None and line and args.only:  # asked for by name, and it cannot join
+            raise UserError(line)
+        if line:
+            print(f"note: {line}", file=sys.stderr)
+        if override is not None:
             extra[TUNED] = override
     if not spec.ablations and not extra:
         raise UserError("nothing to run: no tuning study has a best trial on this data yet "

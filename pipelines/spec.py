@@ -90,7 +90,9 @@ def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
 def read_yaml(path: Path) -> Any:
     """A spec file's content; a missing file or broken YAML is a SpecError naming the file."""
     if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
+        bundled = DEFAULT_SPEC.parent / path.name
+        hint = f" (the bundled one is {bundled})" if bundled.is_file() and not path.is_absolute() else ""
+        raise SpecError(f"{path}: no such spec file{hint}")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

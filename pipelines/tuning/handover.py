@@ -67,6 +67,21 @@ def tune_spec_for(ablations_spec: str | Path | None) -> Path:
     return DEFAULT_TUNE_SPEC
 
 
+def tuned_for(spec: Spec, *, quick: bool, data_digest: str) -> tuple[dict[str, Any] | None, str | None]:
+    """`improved_tuned` for a suite of `spec`: (its override, a line naming the study it is the choice
+    of); (None, why it is left out) when that study's choice cannot join this spec; (None, None) when
+    no study has one on this data."""
+    tune_spec = tune_spec_for(spec.path)
+    override = tuned_override(quick=quick, data_digest=data_digest, spec=tune_spec)
+    if override is None:
+        return None, None
+    why_not = tuned_elsewhere(tune_spec, spec)
+    if why_not is not None:
+        return None, why_not
+    return override, f"{TUNED} is the choice of study '{default_study_name(load_tune_spec(tune_spec), quick)}' " \
+                     f"({tune_spec})"
+
+
 def tuned_elsewhere(tune_spec: str | Path, spec: Spec) -> str | None:
     """Why the study of `tune_spec` cannot join a suite of `spec`, or None when it can: its override
     (the base ablation's own, plus the tuned values) is resolved on the suite's `base`, so a spec
@@ -101,4 +116,4 @@ def tuned_override(study: str | None = None, storage: str | None = None, *, quic
 
 
 __all__ = ["TUNED", "default_study_name", "best_trial", "save_best", "tune_spec_for", "tuned_elsewhere",
-           "tuned_override"]
+           "tuned_for", "tuned_override"]
