@@ -63,6 +63,7 @@ class Champion:
     std: float
     n: int
     moved: bool            # the alias moved to this suite's choice (False: an earlier, better one kept it)
+    replaced: str = ""     # the version that held the alias before, when it moved from another one
 
     @property
     def uri(self) -> str:
@@ -70,8 +71,9 @@ class Champion:
 
     def line(self) -> str:
         what = "champion" if self.moved else "champion unchanged (it scores better on this data)"
+        was = f"; it was version {self.replaced}" if self.replaced and self.replaced != self.version else ""
         return (f"{what}: {self.uri} = version {self.version}, {self.ablation}/seed-{self.seed} "
-                f"(validation {self.metric} {_spread(self.mean, self.std, self.n)})")
+                f"(validation {self.metric} {_spread(self.mean, self.std, self.n)}{was})")
 
 
 def choose(candidates: Iterable[Candidate]) -> Candidate | None:
@@ -144,6 +146,7 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
 
     _ensure_registered_model(client, experiment, experiment_id)
     current = _current(client, experiment)
+    was = str(current.version) if current is not None else ""   # said when the alias moves from it
     version = _version_of(client, experiment, model_id)
     # Chosen again (a suite that reuses cached runs): the version keeps the evidence it holds unless
     # this suite's rests on at least as many seeds, so that a lucky mean of fewer seeds never inflates it.
@@ -157,11 +160,11 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
         moved = current is None or str(current.version) != recorded.version
         if moved:
             client.set_registered_model_alias(experiment, CHAMPION, recorded.version)
-        kept = replace(recorded, moved=moved)
+        kept = replace(recorded, moved=moved, replaced=was)
         return kept, kept.line() + skipped
     if keep:
         client.set_registered_model_alias(experiment, CHAMPION, version)
-        kept = replace(held, moved=True)
+        kept = replace(held, moved=True, replaced=was)
         return kept, kept.line() + skipped
     description = _description(best, seed, select_key, synthetic, suite_label, data_digest)
     tags = {"ablation": best.ablation, "seed": str(seed), "data_digest": data_digest,
@@ -186,7 +189,7 @@ def crown(client: MlflowClient, experiment: str, experiment_id: str, suite_run_i
         client.set_registered_model_alias(experiment, CHAMPION, recorded.version)
         return recorded, recorded.line() + skipped
     champion = Champion(experiment, str(version), best.ablation, seed, run_id, select_key, best.mean, best.std,
-                        len(best.scores), moved=True)
+                        len(best.scores), moved=True, replaced=was)
     return champion, champion.line() + skipped
 
 

@@ -119,8 +119,10 @@ def test_other_data_takes_the_title_and_incomplete_ablations_are_left_out(regist
     client, exp_id, recorder, data = (registered[k] for k in ("client", "exp_id", "recorder", "data"))
     pid, rows = _suite(recorder, data, {"baseline": DESIGN["baseline"], "text_only": DESIGN["text_only"]})
     rows = [r for r in rows if (r.ablation, r.seed) != ("text_only", 2)] + [suite_recorder.failed("text_only", 2)]
+    before = client.get_model_version_by_alias(EXPERIMENT, "champion").version
     champion, line = _crown(client, exp_id, pid, rows, "other-digest", label="suite-c")
     assert champion.moved and champion.ablation == "baseline"
+    assert line.startswith("champion: ") and f"; it was version {before})" in line   # the one it displaced
     assert "text_only left out: not every seed finished" in line
     version = client.get_model_version_by_alias(EXPERIMENT, "champion")
     assert version.tags["data_digest"] == "other-digest"
