@@ -215,8 +215,8 @@ def _tune(args: argparse.Namespace) -> int:
     _check_outputs(REPORTS, args.storage, study=True)
     done = tuning.tune(spec, data_source=args.data, quick=args.quick,
                        epochs=args.epochs, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                       study_name=args.study, workers=args.workers, engine=engine)
-    print(tuning.summary(done.session))
+                       study_name=args.study, workers=args.workers, engine=engine,
+                       on_session=lambda session: print(tuning.summary(session), flush=True))  # before the suite
     if done.comparison is not None:
         print("\n" + format_table(done.comparison))
         print(f"Report: {done.comparison.paths['report.html']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -27,10 +28,13 @@ class TuneResult:
 def tune(spec: TuneSpec, *, data_source: str | None = None, quick: bool = False, epochs: int | None = None,
          trials: int | None = None, timeout: float | None = None, storage: str | None = None,
          study_name: str | None = None, workers: int | None = None, stream: TextIO | None = None,
-         engine: Engine | None = None) -> TuneResult:
+         engine: Engine | None = None,
+         on_session: Callable[[StudySession], None] = lambda session: None) -> TuneResult:
+    """`on_session` sees the study session as soon as it ends, before the suite trains its choice."""
     stream = stream or sys.stderr
     session = run_study(spec, data_source=data_source, quick=quick, epochs=epochs, trials=trials, timeout=timeout,
                         storage=storage, study_name=study_name, workers=workers or 1, stream=stream, engine=engine)
+    on_session(session)
     if session.override is None:
         return TuneResult(session, None, comparison_note=f"study '{session.study}' has no COMPLETE trial yet: "
                                                          "nothing to add to the comparison")

@@ -241,7 +241,8 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
             todo = confirm.pending(optuna.load_study(study_name=name, storage=open_storage(storage, spec.storage)),
                                    spec, setup, storage, where)
             if todo:
-                print(f"re-training the top {spec.confirm.top} trial(s) on seed(s) {list(spec.confirm.seeds)} "
+                top = len({job.trial for job in todo})  # fewer than confirm.top in a study with fewer trials
+                print(f"re-training the top {top} trial(s) on seed(s) {list(spec.confirm.seeds)} "
                       f"(validation only): {len(todo)} run(s) to go", file=stream, flush=True)
                 run_jobs(todo, confirm.retrain, setup=worker_setup, workers=min(workers, len(todo)),
                          on_event=on_event, local_resources=data, engine=engine)

@@ -1,5 +1,6 @@
 """The tune pipeline: trials searched on validation only, pruned, resumable, shared, tracked, and compared."""
 
+import contextlib
 import io
 import json
 import os
@@ -80,10 +81,12 @@ def tuned(tmp_path_factory):
         mp.setenv("MSA_PROGRESS", "0")
         mp.chdir(tmp)
         spec = _tune_spec(tmp)
-        first = main(["tune", "--spec", str(spec), "--quick", "--trials", "2"])
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):   # one stream, as a terminal's
+            first = main(["tune", "--spec", str(spec), "--quick", "--trials", "2"])
         second = main(["tune", "--spec", str(spec), "--quick", "--trials", "3"])
         yield {"client": MlflowClient(uri), "rcs": (first, second), "tmp": tmp, "spec": spec,
-               "storage": tmp / "mlruns" / "optuna" / "journal.log"}
+               "storage": tmp / "mlruns" / "optuna" / "journal.log", "first_said": said.getvalue()}
 
 
 def _study(tuned):
@@ -92,6 +95,11 @@ def _study(tuned):
 
 # The CPU's model, or the GPU's name where trials train on one (--device auto)
 DEVICE_NAME = device_name(torch.device(resolve_here("auto")))
+
+
+def test_the_choice_is_said_before_the_suite_trains_it(tuned):
+    said = tuned["first_said"]
+    assert said.index("chosen: trial ") < said.index("including 'improved_tuned'") < said.index("Test metrics")
 
 
 def test_trials_are_nested_under_one_parent_per_session_and_tagged(tuned):
@@ -596,6 +604,13 @@ def test_a_pair_another_session_is_retraining_is_waited_for_not_trained_twice(tm
     _, _, runs = _tune_runs(MlflowClient(store))
     assert [r.info.run_id for r in runs if r.data.tags.get("confirm_trial") == "0"
             and r.info.run_id != stale.info.run_id] == [other_id]                                   # no second
+
+
+def test_a_study_with_fewer_trials_than_the_top_says_how_many_it_re_trains(tmp_path, store):
+    spec = tune.load_tune_spec(_tune_spec(tmp_path, extra="confirm: {top: 4, seeds: [8]}\n"))
+    said = io.StringIO()
+    tune.run_study(spec, quick=True, trials=2, stream=said)
+    assert "re-training the top 2 trial(s) on seed(s) [8] (validation only): 2 run(s) to go" in said.getvalue()
 
 
 def test_top_trials_are_retrained_on_more_seeds_once(tmp_path, store):
