@@ -117,6 +117,12 @@ def run_suite(spec: Spec, *, data_source: str | None = None, quick: bool = False
     cached = tracking.finished_runs(client, experiment_id, [k for *_, k in planned])
     rows = {(a, s): SuiteRow(a, s, k, cached[k].info.run_id, RunStatus.CACHED, _test_metrics(cached[k]))
             for a, s, k in planned if k in cached}
+    here = tracking.code_version()
+    other = [r.data.tags["code_version"] for r in cached.values() if r.data.tags.get("code_version", here) != here]
+    if other:  # the code is not part of a run's identity: say when a reused result is another code's
+        say(f"note: {len(other)} of the {len(cached)} cached run(s) were trained by other code "
+            f"({', '.join(sorted(set(other)))}; this is {here}); to train them with this code, run a copy of "
+            "the spec with another `experiment`")
 
     # One parent per suite identity: the same suite run again resumes it, so its children nest under one run.
     epochs = ",".join(sorted({str(c.train.epochs) for c in spec.ablations.values()}))

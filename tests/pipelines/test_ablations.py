@@ -164,6 +164,7 @@ def test_the_best_ablation_on_validation_is_the_champion(quick_suite):
     assert ("Predict: python -m pipelines.run predict --model models:/msa-ablations@champion --data synthetic "
             "--quick  (or --data FILE: your own)") in quick_suite["rerun_said"]
     assert "Browse: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri" in quick_suite["rerun_said"]
+    assert "trained by other code" not in quick_suite["rerun_said"]
 
 
 def test_rerun_of_a_finished_suite_trains_nothing_and_resumes_its_parent(quick_suite):
@@ -191,6 +192,20 @@ def _write_spec(tmp_path, ablations: str, name="spec.yaml", extra="") -> Path:
     path = tmp_path / name
     path.write_text(f"experiment: unit\nseeds: [7]\n{extra}ablations:\n{ablations}")
     return path
+
+
+def test_a_cached_run_of_other_code_is_said_to_be_so(tmp_path, store, capsys):
+    from pipelines import tracking
+
+    argv = ["ablations", "--spec", str(_write_spec(tmp_path, "  baseline: {model: {hidden: 8, ff_dim: 16}}\n")),
+            "--quick", "--workers", "1", "--epochs", "1"]
+    assert main(argv) == 0
+    assert "trained by other code" not in capsys.readouterr().err
+    (run,) = _children(MlflowClient(store), "unit")
+    MlflowClient(store).set_tag(run.info.run_id, "code_version", "0123456789ab")    # as after a commit
+    assert main(argv) == 0
+    assert (f"note: 1 of the 1 cached run(s) were trained by other code (0123456789ab; this is "
+            f"{tracking.code_version()})") in capsys.readouterr().err
 
 
 def test_spec_typos_name_the_key(tmp_path, store, capsys):
