@@ -238,7 +238,8 @@ def _log_model(run_id: str, task: RunTask, model: torch.nn.Module, data: MOSIDat
     """Log the selected model as `<ablation>-seed-<n>` (`runs:/<run id>/<that name>`); returns its model id."""
     # Pickle format, not MLflow's default pt2: torch.export specialises the LSTM on the example's
     # sequence length (and cannot export the padding mask), so a pt2 model rejects other lengths.
-    # Loading needs MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true (`predict` sets it) and the msa package (in code/).
+    # Loading needs pickles allowed (MLflow's default; `predict` allows them unless the user said no) and the
+    # msa package (in code/). The requirements pin what the model was trained with.
     dims = data.dims
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, dims[m]), name=m) for m in model.modalities]),
@@ -254,7 +255,7 @@ def _log_model(run_id: str, task: RunTask, model: torch.nn.Module, data: MOSIDat
                                                   "synthetic": str(data.synthetic).lower()})
     mlflow.pytorch.log_model(model, name=name, run_id=run_id, model_id=logged.model_id, signature=signature,
                              serialization_format="pickle",
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
                              code_paths=[str(msa_dir)])
     return logged.model_id
 

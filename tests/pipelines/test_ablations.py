@@ -150,7 +150,10 @@ def test_models_are_named_with_test_metrics_linked_to_the_data(quick_suite):
                                                                              run.data.tags["data_digest"])}
 
 
-def test_the_best_ablation_on_validation_is_the_champion(quick_suite):
+def test_the_best_ablation_on_validation_is_the_champion(quick_suite, monkeypatch):
+    import mlflow
+    import numpy as np
+
     from pipelines.registry import validation_score
 
     client = quick_suite["client"]
@@ -165,6 +168,9 @@ def test_the_best_ablation_on_validation_is_the_champion(quick_suite):
             "--quick  (or --data FILE: your own)") in quick_suite["rerun_said"]
     assert "Browse: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri" in quick_suite["rerun_said"]
     assert "trained by other code" not in quick_suite["rerun_said"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{quick_suite['tmp'] / 'mlruns' / 'mlflow.db'}")
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/msa-ablations@champion")).read_text()
+    assert f"numpy=={np.__version__}" in requirements.split() and "torch==" in requirements   # what it was trained with
 
 
 def test_rerun_of_a_finished_suite_trains_nothing_and_resumes_its_parent(quick_suite):
