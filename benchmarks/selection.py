@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.comparison.bootstrap import NEGLIGIBLE  # noqa: E402  (what prints as 0.000)
+from pipelines.comparison.bootstrap import PRINTED_DIGITS  # noqa: E402  (the reports' decimals)
 
 ARMS = {  # arm -> what it changes in the tune spec
     "confirm": {"seeds": [1111], "confirm": {"top": 3, "seeds": [1112, 1113]}},
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"selection {arm} corr {f['Corr']:.4f} mae {f['MAE']:.4f} cpu_h {hours:.3f} "
               f"corr_gain_per_cpu_h {(f['Corr'] - f['Corr_base']) / hours:+.4f}")
     corr = {arm: f["Corr"] for arm, f in found.items()}
-    better = "neither (the same to 3 decimals)" if abs(corr["confirm"] - corr["two_seed"]) < NEGLIGIBLE \
+    better = "neither (the same to 3 decimals)" \
+        if round(corr["confirm"], PRINTED_DIGITS) == round(corr["two_seed"], PRINTED_DIGITS) \
         else max(corr, key=corr.get)
     print(f"better test Corr: {better}; CPU two_seed / confirm {cpu['two_seed'] / cpu['confirm']:.2f}x")
 

@@ -117,8 +117,8 @@ def parse_spec(raw: Any, path: str) -> Spec:
     if data != "synthetic":  # a relative path is read from the spec's folder, as a tune spec's `ablations` is
         data = str(Path(path).parent / Path(data).expanduser())
     seeds = check_seeds(raw.get("seeds", [1111, 1112, 1113]), path, "seeds")
-    base = optional_mapping(raw.get("base"), path, "base", "a mapping with 'model' and/or 'train'")
-    _check_sections(base, path, "base")
+    base = _sections(optional_mapping(raw.get("base"), path, "base", "a mapping with 'model' and/or 'train'"),
+                     path, "base")
     ablations = raw["ablations"]
     if not isinstance(ablations, Mapping) or not ablations:
         raise SpecError(f"{path}: 'ablations' must be a non-empty mapping of name -> override, got {ablations!r}")
@@ -134,9 +134,8 @@ def parse_spec(raw: Any, path: str) -> Spec:
         if name == TUNED:
             raise SpecError(f"{path}: 'ablations.{TUNED}': the name is the tuned model's, which `tune` hands "
                             "over to the suite; call this ablation something else")
-        overrides[name] = dict(optional_mapping(override, path, f"ablations.{name}",
-                                             "a mapping with 'model' and/or 'train'"))
-        _check_sections(overrides[name], path, f"ablation '{name}'")
+        override = optional_mapping(override, path, f"ablations.{name}", "a mapping with 'model' and/or 'train'")
+        overrides[name] = _sections(override, path, f"ablation '{name}'")
     resolved = {n: _resolve(path, n, base, o) for n, o in overrides.items()}
     return Spec(path=path, experiment=experiment, data=data, seeds=seeds, base=dict(base), ablations=resolved,
                 overrides=overrides, quick=dict(quick))
@@ -184,11 +183,16 @@ def optional_mapping(value: Any, path: str, key: str, expected: str) -> Mapping[
     return {} if value is None else check_mapping(value, path, key, expected)
 
 
-def _check_sections(config: Mapping[str, Any], path: str, where: str) -> None:
+def _sections(config: Mapping[str, Any], path: str, where: str) -> dict[str, Any]:
+    """`config` with its 'model' and 'train' checked: a mapping each, or left empty (`model:`, its keys
+    commented out), which means no settings, not "none of the base's" (merged, None would replace them)."""
+    out = dict(config)
     for section in ("model", "train"):
-        if config.get(section) is not None and not isinstance(config[section], Mapping):
-            raise SpecError(f"{path}: {where}: '{section}' must be a mapping of field -> value, "
-                            f"got {config[section]!r}")
+        if section in out and out[section] is None:
+            del out[section]
+        elif section in out and not isinstance(out[section], Mapping):
+            raise SpecError(f"{path}: {where}: '{section}' must be a mapping of field -> value, got {out[section]!r}")
+    return out
 
 
 def _resolve(path: str, name: str, base: Mapping[str, Any], override: Mapping[str, Any]) -> RunConfig:

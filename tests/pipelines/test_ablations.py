@@ -214,6 +214,16 @@ def test_a_cached_run_of_other_code_is_said_to_be_so(tmp_path, store, capsys):
             f"{tracking.code_version()})") in capsys.readouterr().err
 
 
+def test_a_section_left_empty_keeps_the_bases_settings(tmp_path):
+    from pipelines.spec import load_spec
+
+    spec = _write_spec(tmp_path, "  baseline: {}\n  short:\n    model:\n    train: {epochs: 3}\n",
+                       extra="base:\n  model: {hidden: 64}\n")
+    loaded = load_spec(spec)
+    assert loaded.ablations["short"].model.hidden == loaded.ablations["baseline"].model.hidden == 64
+    assert loaded.ablations["short"].train.epochs == 3
+
+
 def test_spec_typos_name_the_key(tmp_path, store, capsys):
     bad_model = _write_spec(tmp_path, "  baseline:\n    model: {hiden: 64}\n")
     assert main(["ablations", "--spec", str(bad_model), "--quick"]) == 2
