@@ -319,10 +319,10 @@ def _read_split(d: Any, name: str, source: str, *, labels_optional: bool = False
     if n == 0:
         raise DataError(f"{where} is empty (0 samples)")
 
-    features, counts, moved = {}, {}, {}
+    features, counts = {}, {}
     for m in MODALITIES:
         features[m], counts[m] = _features(d[m], where, m, n, label_key)
-        features[m], moved[m] = _padding_to_the_front(features[m])
+    features, moved = _padding_to_the_front(features)
 
     ids = _read_ids(d.get("id"), n, name, where)
     oracle = None
@@ -391,22 +391,43 @@ def _features(value: Any, where: str, key: str, n: int, label_key: str) -> tuple
     return torch.from_numpy(arr), count
 
 
-def _padding_to_the_front(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _padding_to_the_front(features: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Features padded at the end (MMSA's feature tool pads 'back') as the models read them: padded at
-    the front, as MultiBench and MulT files are, so that a sequence's last step is its last word. The
-    padding is each sample's all-zero steps after its last non-zero one. A modality is taken as padded
-    at the end when more of its samples start non-zero and end all-zero than the reverse; otherwise
-    (front padding, none, an odd all-zero step) it is left exactly as it is. Returns the features and
-    how many samples moved."""
+    the front, as MultiBench and MulT files are, so that a sequence's last step is its last word.
+    Which side a split pads on, and each sample's length, are read off the text (a word's vector is
+    never all zero; a face or a voice may be, at any step): the split pads at the end when more of its
+    samples start with a word and end all-zero than the reverse. Every modality of the text's length
+    (word-aligned) then moves by the text's padding, so that the modalities stay aligned; a modality
+    of its own length (unaligned files) by its own. A front-padded split, or one that pads nowhere, is
+    left exactly as it is. Returns the features and, per modality, how many samples moved."""
+    text = features["text"]
+    lengths = _lengths(text)
+    if lengths is None:
+        return features, {m: 0 for m in features}
+    out, moved = {}, {}
+    for m, x in features.items():
+        own = lengths if x.shape[1] == text.shape[1] else _lengths(x, decided=True)
+        out[m], moved[m] = _shifted(x, own)
+    return out, moved
+
+
+def _lengths(x: torch.Tensor, *, decided: bool = False) -> torch.Tensor | None:
+    """Each sample's length up to its last step holding a feature, when `x` pads at the end (or when
+    the text has `decided` so); None when it pads at the front or not at all."""
     used = x.ne(0).any(dim=2)                                       # (N, T): steps holding a feature
-    at_end = int((used[:, 0] & ~used[:, -1]).sum())                 # padded after, not before
-    at_front = int((~used[:, 0] & used[:, -1]).sum())
-    if at_end <= at_front:
+    if not decided and int((used[:, 0] & ~used[:, -1]).sum()) <= int((~used[:, 0] & used[:, -1]).sum()):
+        return None
+    t = torch.arange(x.shape[1])
+    return torch.where(used, t + 1, 0).amax(dim=1)
+
+
+def _shifted(x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Each sample's first `lengths` steps moved to the end (its trailing steps, padding, to the front)."""
+    if lengths is None:
         return x, 0
     steps = x.shape[1]
     t = torch.arange(steps)
-    length = torch.where(used, t + 1, 0).amax(dim=1)                # up to the last step holding a feature
-    shift = (steps - length) % steps                                # a sample with no feature stays put
+    shift = (steps - lengths) % steps                               # a full or an empty sample stays put
     source = (t.unsqueeze(0) - shift.unsqueeze(1)) % steps          # out[i, t] = x[i, t - shift_i]
     return torch.gather(x, 1, source.unsqueeze(2).expand_as(x)).contiguous(), int((shift > 0).sum())
 

@@ -177,13 +177,26 @@ def test_a_file_padded_at_the_end_is_read_as_one_padded_at_the_front(tmp_path):
     assert "padding:" not in as_front.summary() and as_front.repadded["train"] == {"vision": 0, "text": 0, "audio": 0}
 
 
-def test_a_front_padded_file_with_an_odd_empty_last_step_is_left_as_it_is(tmp_path):
+def test_a_front_padded_file_with_empty_last_steps_is_left_as_it_is(tmp_path):
     rng = np.random.default_rng(7)
-    raw = {s: _padded(rng, 4, [2, 3, 8, 4], at_end=False) for s in ("train", "valid", "test")}
-    raw["train"]["audio"][2, -1] = 0.0                                     # one all-zero step at the end
+    raw = {s: _padded(rng, 5, [8, 8, 8, 3, 4], at_end=False) for s in ("train", "valid", "test")}
+    raw["train"]["vision"][:3, -1] = 0.0          # no face in the last frame of the 3 full-length samples
+    raw["train"]["audio"][2, -1] = 0.0
     data = load(_write(tmp_path, raw))
-    assert torch.equal(data["train"].features["audio"], torch.from_numpy(raw["train"]["audio"]))
+    for m in ("vision", "audio"):
+        assert torch.equal(data["train"].features[m], torch.from_numpy(raw["train"][m])), m
     assert not any(n for moved in data.repadded.values() for n in moved.values())
+
+
+def test_an_end_padded_files_modalities_move_together_with_the_text(tmp_path):
+    lengths = [3, 8, 5, 2]
+    raw = {s: _padded(np.random.default_rng(i), 4, lengths, at_end=True) for i, s in enumerate(("train", "valid",
+                                                                                                 "test"))}
+    raw["train"]["vision"][0, 2] = 0.0            # sample 0's last real frame has no face: still 3 steps long
+    data = load(_write(tmp_path, raw))
+    vision, text = data["train"].features["vision"], data["train"].features["text"]
+    assert torch.equal(vision[0, -3:-1], torch.from_numpy(raw["train"]["vision"][0, :2]))   # aligned with the words
+    assert text[0, -3:].ne(0).any(dim=1).all() and not text[0, :-3].any()
 
 
 def test_digest_changes_with_content(tmp_path):
