@@ -3,8 +3,8 @@ store alone: the statistics, the table, the store reads and the terminal/markdow
 
 from pipelines.comparison.bootstrap import (
     BOTH_LEVELS,
-    bootstrap_difference,
     counts_of,
+    difference_intervals,
     direction_mark,
     interval,
     resample_weights,
@@ -48,7 +48,7 @@ __all__ = [
     "Comparison",
     "RunRecord",
     "BOTH_LEVELS",
-    "bootstrap_difference",
+    "difference_intervals",
     "compare",
     "counts_of",
     "default_report_dir",

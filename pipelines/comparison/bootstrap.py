@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import stdtrit
 
 from msa.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 from pipelines.comparison.model import BETTER, SAME, WORSE
@@ -81,33 +82,43 @@ def _safe_divide(num: np.ndarray, den: np.ndarray, floor: float = 0.0) -> np.nda
     return np.divide(num, den, out=np.full(np.shape(num), np.nan), where=den > floor)
 
 
-BOTH_LEVELS = "bootstrap over test samples and seeds"  # the test, in the words every report uses
+BOTH_LEVELS = "test samples bootstrapped, seeds by Welch's t"  # the test, in the words every report uses
 
 
-def bootstrap_difference(ablation: dict[int, np.ndarray], baseline: dict[int, dict[str, np.ndarray]],
-                         label: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Bootstrap distribution of (mean over the ablation's seeds - mean over the baseline's) for every
-    metric, over both sources of noise in it (Bouthillier et al., 2021, "Accounting for variance in
-    machine learning benchmarks"):
-    - test samples: each draw's resample of them (`weights`) scores every run of both sides, so the
-      difference is paired on samples;
-    - seeds: each draw takes each side's seeds with replacement, independently (a seed number means
-      nothing across two configs). With one seed on a side, its seed-to-seed spread is unknown and
-      left out: `markable` says so.
+def difference_intervals(ablation: dict[int, np.ndarray], baseline: dict[int, dict[str, np.ndarray]],
+                         base_scores: dict[int, dict[str, float]], label: np.ndarray, weights: np.ndarray,
+                         level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """The interval of (mean over the ablation's seeds - mean over the baseline's) for every metric,
+    around that difference, as wide as both sources of noise in it make it:
+    - the test set's sampling noise: a bootstrap over test samples, every run of both sides scored on
+      the same resamples (`weights`), so the difference is paired on samples;
+    - the seed-to-seed spread: Welch's t over the runs' own scores. With the few seeds a suite has,
+      a bootstrap over seeds would span only the observed ones (a test of it marked 20% of 3 vs 3
+      same-config rows); t's degrees of freedom make 3 seeds a side as wide as they should be. A
+      side with one seed has no spread to go by: `markable` says so.
 
     `ablation` maps seed -> test predictions; `baseline` maps seed -> the baseline's
-    `resampled_metrics` on `weights`."""
+    `resampled_metrics` on `weights`, `base_scores` seed -> its metrics on the whole test set."""
     mine = {seed: resampled_metrics(p, label, weights) for seed, p in ablation.items()}
-    a, b = _over_seeds(mine, rng), _over_seeds(baseline, rng)
-    return {m: a[m] - b[m] for m in METRIC_NAMES}
-
-
-def _over_seeds(per_seed: dict[int, dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Each draw's mean over a resample (with replacement) of the seeds, {metric: (B,)}."""
-    stacked = {m: np.stack([per_seed[s][m] for s in sorted(per_seed)]) for m in METRIC_NAMES}  # (k, B) each
-    k, draws = stacked[METRIC_NAMES[0]].shape
-    pick = rng.integers(0, k, size=(draws, k))                       # the same seeds for every metric of a draw
-    return {m: x[pick, np.arange(draws)[:, None]].mean(axis=1) for m, x in stacked.items()}
+    whole = np.ones((1, len(label)))
+    own = {seed: resampled_metrics(p, label, whole) for seed, p in ablation.items()}
+    out = {}
+    for m in METRIC_NAMES:
+        draws = np.mean([mine[s][m] for s in mine], axis=0) - np.mean([baseline[s][m] for s in baseline], axis=0)
+        finite = draws[np.isfinite(draws)]
+        a = np.array([float(own[s][m][0]) for s in own])
+        b = np.array([base_scores[s][m] for s in base_scores])
+        if finite.size < 0.5 * draws.size or not (np.isfinite(a).all() and np.isfinite(b).all()):
+            out[m] = (math.nan, math.nan)
+            continue
+        sides = [(x.var(ddof=1) / x.size, x.size) for x in (a, b) if x.size > 1]   # (variance of a mean, n)
+        seed_var = sum(v for v, _ in sides)
+        # Welch-Satterthwaite degrees of freedom; no seed spread at all: the normal quantile.
+        df = seed_var ** 2 / sum(v ** 2 / (n - 1) for v, n in sides) if seed_var > 0 else 1e9
+        half = float(stdtrit(df, 0.5 + level / 2)) * math.sqrt(max(seed_var, float(finite.var(ddof=1))))
+        centre = float(a.mean() - b.mean())
+        out[m] = (centre - half, centre + half)
+    return out
 
 
 def markable(n_ablation: int, n_baseline: int) -> bool:

@@ -12,9 +12,8 @@ import pandas as pd
 from msa.metrics import METRIC_NAMES
 from pipelines.comparison.bootstrap import (
     BOTH_LEVELS,
-    bootstrap_difference,
+    difference_intervals,
     direction_mark,
-    interval,
     markable,
     resample_weights,
     resampled_metrics,
@@ -41,21 +40,24 @@ def summarise(records: list[RunRecord], order: list[str], baseline: str, *, orac
     rng = np.random.default_rng(seed)
     weights = resample_weights(len(label), n_boot, rng) if label is not None else None
     base_boot = {s: resampled_metrics(p, label, weights) for s, p in predictions[baseline].items()}
+    whole = np.ones((1, len(label))) if label is not None else None
+    base_scores = {s: {m: float(v[0]) for m, v in resampled_metrics(p, label, whole).items()}
+                   for s, p in predictions[baseline].items()}
     base_means = {m: _stats([r.test_metrics.get(m) for r in by_ablation[baseline]])[0] for m in METRIC_NAMES}
 
     rows = []
     for ablation, runs in by_ablation.items():
         row: dict[str, Any] = {"ablation": ablation, "role": "baseline" if ablation == baseline else "ablation",
                                "seeds": ",".join(str(r.seed) for r in runs)}
-        draws, row["test"] = None, _no_test_reason(ablation, baseline, runs, predictions)
+        intervals, row["test"] = None, _no_test_reason(ablation, baseline, runs, predictions)
         marks = False
         if not row["test"]:
-            draws = bootstrap_difference(predictions[ablation], base_boot, label, weights, rng)
+            intervals = difference_intervals(predictions[ablation], base_boot, base_scores, label, weights)
             row["test"], marks = _test_words(runs, predictions[ablation], by_ablation[baseline],
                                              predictions[baseline])
         for m in METRIC_NAMES:
             mean, std, n = _stats([r.test_metrics.get(m) for r in runs])
-            low, high = interval(draws[m]) if draws else (math.nan, math.nan)
+            low, high = intervals[m] if intervals else (math.nan, math.nan)
             row |= {f"{m}_mean": mean, f"{m}_std": std, f"{m}_n": n, f"{m}_delta": mean - base_means[m],
                     f"{m}_ci_low": low, f"{m}_ci_high": high,
                     f"{m}_mark": direction_mark(m, low, high) if marks else ""}
@@ -123,11 +125,12 @@ def _test_labels(records: list[RunRecord]) -> np.ndarray | None:
 
 def describe_test(n_boot: int, n_test: int) -> str:
     """The statistical test, in the words every report uses."""
-    return (f"{BOTH_LEVELS}: {n_boot} draws, each a resample (with replacement) of the {n_test} test samples, "
-            "applied to every run of both sides, and of each side's seeds, independently; each metric recomputed "
-            "on the resampled samples, averaged over the resampled seeds, the baseline's average subtracted; "
-            "95% percentile interval of that difference. It holds both the test set's sampling noise and the "
-            "seed-to-seed spread; a row with one seed on a side has no mark (its spread is unknown).")
+    return (f"{BOTH_LEVELS}: a 95% interval around the difference of the means over seeds, as wide as both "
+            f"sources of noise make it. The test set's: {n_boot} resamples (with replacement) of the {n_test} "
+            "test samples, every run of both sides scored on the same resamples, the variance of the "
+            "difference over them. The seeds': Welch's t over the runs' own scores (the variance of each "
+            "side's mean, and the t quantile at their Welch-Satterthwaite degrees of freedom, which makes "
+            "3 seeds a side wide). A row with one seed on a side has no mark (its spread is unknown).")
 
 
 def modality_subsets(records: list[RunRecord], baseline: str) -> dict[str, tuple[str, ...]]:

@@ -126,7 +126,7 @@ def test_interval_covers_the_known_difference_and_marks_the_direction(made):
     assert improved["MAE_ci_low"] < observed < improved["MAE_ci_high"]
     assert improved["MAE_mark"] == "▲" and improved["Corr_mark"] == "▲"      # MAE: lower is better
     assert improved["Corr_ci_low"] > 0
-    assert improved["test"] == "bootstrap over test samples and seeds, 3 vs 3 seeds"
+    assert improved["test"] == "test samples bootstrapped, seeds by Welch's t, 3 vs 3 seeds"
 
     same = table.loc["same"]                                                # identical predictions
     for m in ("Corr", "MAE", "Has0_acc_2", "Mult_acc_7"):
@@ -135,7 +135,7 @@ def test_interval_covers_the_known_difference_and_marks_the_direction(made):
     worse = table.loc["vision_only"]
     assert worse["MAE_ci_low"] > 0 and worse["MAE_mark"] == "▼" and worse["Corr_mark"] == "▼"
     for lone in ("lonely", "text_only"):                                  # one seed: its spread is unknown
-        assert table.loc[lone, "test"] == ("bootstrap over test samples and seeds, 1 vs 3 seeds: one seed on a "
+        assert table.loc[lone, "test"] == ("test samples bootstrapped, seeds by Welch's t, 1 vs 3 seeds: one seed on a "
                                            "side leaves its seed-to-seed spread out of the interval, so no mark")
         assert math.isfinite(table.loc[lone, "MAE_ci_low"]) and table.loc[lone, "MAE_mark"] == ""
     from pipelines.comparison.render import special_tests
@@ -186,7 +186,7 @@ def test_outputs_are_written_and_logged_on_the_parent_run(made):
             assert f"{m}_{stat}" in csv.columns
 
     md = c.paths["comparison.md"].read_text()
-    assert SYNTHETIC_BANNER in md and "Test used: bootstrap over test samples and seeds" in md
+    assert SYNTHETIC_BANNER in md and "Test used: test samples bootstrapped, seeds by Welch's t" in md
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| **baseline** | 3 |")                    # baseline first, n seeds
     assert "Without text (vision_audio)" in md and "Strongest single modality: text (text_only" in md
@@ -198,7 +198,7 @@ def test_html_report_is_self_contained(made):
     assert len(sources) >= 6 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="https?:', page) and "<script" not in page and "<link" not in page
     assert SYNTHETIC_BANNER in page and "Which modalities matter" in page and "Validation curves" in page
-    assert "bootstrap over test samples and seeds" in page
+    assert "test samples bootstrapped, seeds by Welch&#x27;s t" in page or "seeds by Welch" in page
 
 
 def test_cli_compare_rebuilds_from_the_store_alone(in_store, capsys):
