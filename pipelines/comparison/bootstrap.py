@@ -89,7 +89,8 @@ def difference_intervals(ablation: dict[int, np.ndarray], baseline: dict[int, di
                          base_scores: dict[int, dict[str, float]], label: np.ndarray, weights: np.ndarray,
                          level: float = 0.95) -> dict[str, tuple[float, float]]:
     """The interval of (mean over the ablation's seeds - mean over the baseline's) for every metric,
-    around that difference, as wide as both sources of noise in it make it:
+    around that difference, as wide as the larger of its two sources of noise makes it (the runs' own
+    scores already hold the test-sample noise that differs between runs: adding both counts it twice):
     - the test set's sampling noise: a bootstrap over test samples, every run of both sides scored on
       the same resamples (`weights`), so the difference is paired on samples;
     - the seed-to-seed spread: Welch's t over the runs' own scores. With the few seeds a suite has,

@@ -125,9 +125,9 @@ def _test_labels(records: list[RunRecord]) -> np.ndarray | None:
 
 def describe_test(n_boot: int, n_test: int) -> str:
     """The statistical test, in the words every report uses."""
-    return (f"{BOTH_LEVELS}: a 95% interval around the difference of the means over seeds, as wide as both "
-            f"sources of noise make it. The test set's: {n_boot} resamples (with replacement) of the {n_test} "
-            "test samples, every run of both sides scored on the same resamples, the variance of the "
+    return (f"{BOTH_LEVELS}: a 95% interval around the difference of the means over seeds, as wide as the "
+            f"larger of two sources of noise makes it. The test set's: {n_boot} resamples (with replacement) "
+            f"of the {n_test} test samples, every run of both sides scored on the same resamples, the variance of the "
             "difference over them. The seeds': Welch's t over the runs' own scores (the variance of each "
             "side's mean, and the t quantile at their Welch-Satterthwaite degrees of freedom, which makes "
             "3 seeds a side wide). A row with one seed on a side has no mark (its spread is unknown).")
