@@ -80,7 +80,7 @@ def describe(client: MlflowClient, run_id: str, *, experiment: str, experiment_i
         "trained it, and is listed below and in `suite.json`.",
         "",
         "How to read it: Artifacts -> `comparison/report.html` compares every ablation with the baseline on "
-        "test (mean ± std over seeds, bootstrap intervals over test samples and seeds); tick child runs -> "
+        "test (mean ± std over seeds, intervals that hold test-sample and seed noise); tick child runs -> "
         "Compare to line up curves and metrics. The ablation with the best mean *validation* score is registered as "
         f"`models:/{experiment}@champion` (Models -> {experiment}).",
     ]
