@@ -45,8 +45,10 @@ class StudyEta:
     def __init__(self, to_run: int, clock=time.monotonic):
         self.to_run, self.clock, self.start, self.ended = to_run, clock, clock(), 0
 
+    _ENDED = re.compile(r"trial +\d+  [A-Z]")  # a trial's own line: number, then its state
+
     def after_trial(self, line: str) -> str:
-        if not line.startswith("trial "):  # a note (could not record, say), not a trial's end
+        if not self._ENDED.match(line):  # a re-training's line, or a note ("trial 3: could not record ...")
             return ""
         self.ended += 1
         left = self.to_run - self.ended

@@ -688,6 +688,7 @@ def test_each_trial_line_ends_with_the_searchs_eta():
     now[0] = 110.0
     assert eta.after_trial("trial    0  COMPLETE ...") == "  search ETA 30s (3 to go)"
     assert eta.after_trial("confirm    0  seed 8 ...") == ""                 # a re-training, not a trial
+    assert eta.after_trial("trial 1: could not record the MLflow run: ...") == ""      # a note, not its end
     now[0] = 150.0
     assert eta.after_trial("trial    1  PRUNED ...") == "  search ETA 50s (2 to go)"
     eta.after_trial("trial    2  PRUNED ...")
