@@ -85,6 +85,11 @@ def _safe_divide(num: np.ndarray, den: np.ndarray, floor: float = 0.0) -> np.nda
 BOTH_LEVELS = "test samples bootstrapped, seeds by Welch's t"  # the test, in the words every report uses
 
 
+def whole_test_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """A run's metrics on the whole test set (one 'resample' that draws every sample once)."""
+    return {m: float(v[0]) for m, v in resampled_metrics(pred, label, np.ones((1, len(label)))).items()}
+
+
 def difference_intervals(ablation: dict[int, np.ndarray], baseline: dict[int, dict[str, np.ndarray]],
                          base_scores: dict[int, dict[str, float]], label: np.ndarray, weights: np.ndarray,
                          level: float = 0.95) -> dict[str, tuple[float, float]]:
@@ -101,13 +106,12 @@ def difference_intervals(ablation: dict[int, np.ndarray], baseline: dict[int, di
     `ablation` maps seed -> test predictions; `baseline` maps seed -> the baseline's
     `resampled_metrics` on `weights`, `base_scores` seed -> its metrics on the whole test set."""
     mine = {seed: resampled_metrics(p, label, weights) for seed, p in ablation.items()}
-    whole = np.ones((1, len(label)))
-    own = {seed: resampled_metrics(p, label, whole) for seed, p in ablation.items()}
+    own = {seed: whole_test_scores(p, label) for seed, p in ablation.items()}
     out = {}
     for m in METRIC_NAMES:
         draws = np.mean([mine[s][m] for s in mine], axis=0) - np.mean([baseline[s][m] for s in baseline], axis=0)
         finite = draws[np.isfinite(draws)]
-        a = np.array([float(own[s][m][0]) for s in own])
+        a = np.array([own[s][m] for s in own])
         b = np.array([base_scores[s][m] for s in base_scores])
         if finite.size < 0.5 * draws.size or not (np.isfinite(a).all() and np.isfinite(b).all()):
             out[m] = (math.nan, math.nan)

@@ -17,6 +17,7 @@ from pipelines.comparison.bootstrap import (
     markable,
     resample_weights,
     resampled_metrics,
+    whole_test_scores,
 )
 from pipelines.comparison.model import DISPLAY_ORDER, ORACLE, CompareError, RunRecord
 
@@ -40,9 +41,7 @@ def summarise(records: list[RunRecord], order: list[str], baseline: str, *, orac
     rng = np.random.default_rng(seed)
     weights = resample_weights(len(label), n_boot, rng) if label is not None else None
     base_boot = {s: resampled_metrics(p, label, weights) for s, p in predictions[baseline].items()}
-    whole = np.ones((1, len(label))) if label is not None else None
-    base_scores = {s: {m: float(v[0]) for m, v in resampled_metrics(p, label, whole).items()}
-                   for s, p in predictions[baseline].items()}
+    base_scores = {s: whole_test_scores(p, label) for s, p in predictions[baseline].items()}
     base_means = {m: _stats([r.test_metrics.get(m) for r in by_ablation[baseline]])[0] for m in METRIC_NAMES}
 
     rows = []
