@@ -50,7 +50,8 @@ def engine_from_args(args: argparse.Namespace, *, optuna_storage: str | None = N
         raise EngineError(f"{origin} {scheduler}: Dask workers cannot write to this machine's SQLite store "
                           f"({tracking.tracking_uri()}); set MLFLOW_TRACKING_URI to a tracking server they all "
                           "reach (e.g. http://HOST:5000; README: Scaling out)")
-    if uses_optuna and (optuna_storage is None or "://" not in optuna_storage):
+    if uses_optuna and (optuna_storage is None or "://" not in optuna_storage
+                        or optuna_storage.startswith("sqlite:")):
         raise EngineError(f"{origin} {scheduler}: Dask workers cannot share this machine's study file; give "
                           "--storage postgresql://USER@HOST/DB (an Optuna RDB storage they all reach)")
     from pipelines.cluster import cluster_devices

@@ -61,10 +61,11 @@ def test_a_scheduler_address_that_is_not_one_is_one_line(tmp_path, store, capsys
     assert _nothing_written(tmp_path)
 
 
-def test_a_scheduler_with_a_local_study_file_is_refused(tmp_path, store, capsys, monkeypatch):
+@pytest.mark.parametrize("storage", [[], ["--storage", "study.log"], ["--storage", "sqlite:///study.db"]])
+def test_a_scheduler_with_a_local_study_file_is_refused(tmp_path, store, capsys, monkeypatch, storage):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")   # never reached: refused before
     monkeypatch.setenv("MSA_SCHEDULER", "tcp://127.0.0.1:9")
-    assert main(["tune", "--quick"]) == 2
+    assert main(["tune", "--quick", *storage]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: MSA_SCHEDULER tcp://127.0.0.1:9: Dask workers cannot share this machine's study file")
     assert "--storage postgresql://" in err and err.count("\n") == 1
