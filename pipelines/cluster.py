@@ -6,7 +6,9 @@ other's. A worker that dies has its task run again on another worker, up to the 
 `distributed.scheduler.allowed-failures` (3 by default); past that, the job is `lost` and the others
 go on. A stop (Ctrl-C, SIGTERM in the caller) marks the call stopped on every worker, so that its
 queued jobs return at once and its running jobs raise `Interrupted` at their next
-`executor.interrupt_point` (the end of an epoch), recording themselves KILLED as they unwind.
+`executor.interrupt_point` (the end of an epoch), recording themselves KILLED as they unwind; a job
+that finishes meanwhile is reported done. A job the cluster cancels (its scheduler restarted, or
+this client lost it) ends the call with an EngineError: nothing is silently left out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
@@ -58,8 +61,6 @@ def run_on_dask(jobs: Sequence[Any], work: Work, *, setup: Callable[[], Any], wo
                 threads: Callable[[], int] | None,
                 on_event: Emit, on_done: Callable[[Any], None], lost: Callable[[Any, str], Any] | None,
                 engine: Engine, start_together: bool = False) -> list[Any]:
-    from distributed import wait
-
     with connect(engine, workers, start_together=start_together) as client:
         token = f"msa-{uuid.uuid4().hex[:12]}"
         events: queue.Queue = queue.Queue()
@@ -82,9 +83,17 @@ def run_on_dask(jobs: Sequence[Any], work: Work, *, setup: Callable[[], Any], wo
         except BaseException:
             with contextlib.suppress(Exception):
                 client.run(_stop, token)  # queued jobs never start; running ones unwind, KILLED
-            with contextlib.suppress(Exception):
-                wait(list(pending), timeout=STOP_WAIT_S)
+            # Polled: distributed.wait() looks for a default client, which this one is not.
+            deadline = time.monotonic() + STOP_WAIT_S
+            while time.monotonic() < deadline and not all(f.done() for f in pending):
+                time.sleep(POLL_S)
             _drain(events, on_event)
+            # A job past its last interrupt point when the stop came finished all the same: its caller hears so.
+            for future in [f for f in pending if f.status == "finished"]:
+                with contextlib.suppress(Exception):
+                    outcome = future.result()
+                    if not isinstance(outcome, _Signal):
+                        on_done(outcome)
             client.cancel(list(pending))
             raise
         finally:
@@ -178,8 +187,14 @@ def _devices_here(cuda: bool) -> dict[str, bool]:
 def _outcome(future, job: Any, lost: Callable[[Any, str], Any] | None) -> Any:
     from distributed.scheduler import KilledWorker
 
-    if future.status == "cancelled":
-        return NOT_STARTED
+    if future.status == "cancelled":  # never by this call, which cancels only after its loop: the cluster did
+        reason = "no reason given"
+        try:
+            future.result()
+        except Exception as e:
+            reason = getattr(e, "reason", type(e).__name__)
+        raise EngineError(f"the Dask cluster cancelled a job ({reason}: the scheduler restarted, or this command "
+                          "lost it); what finished is recorded: run the command again to go on") from None
     if future.status == "error":
         error = future.exception()
         if isinstance(error, KilledWorker) and lost is not None:

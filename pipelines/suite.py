@@ -213,7 +213,7 @@ def _wait_for_elsewhere(client, experiment_id: str, tasks: list[RunTask], rows: 
                         say) -> list[RunTask]:
     """Wait for the tasks another suite claimed; those it finished become CACHED rows, those whose
     claim died (or failed) are returned, to be trained here."""
-    elsewhere = [t for t in tasks if rows[(t.ablation, t.seed)].status == RunStatus.RUNNING]
+    elsewhere = [t for t in tasks if getattr(rows.get((t.ablation, t.seed)), "status", None) == RunStatus.RUNNING]
     if not elsewhere:
         return []
     say(f"waiting for {len(elsewhere)} run(s) that another suite is training: "

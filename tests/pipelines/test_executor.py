@@ -11,7 +11,16 @@ import distributed
 import pytest
 
 from pipelines import cluster
-from pipelines.executor import Engine, Interrupted, current_job_key, describe, interrupt_point, run_jobs, set_job_key
+from pipelines.executor import (
+    Engine,
+    EngineError,
+    Interrupted,
+    current_job_key,
+    describe,
+    interrupt_point,
+    run_jobs,
+    set_job_key,
+)
 
 
 class Setup:
@@ -205,3 +214,47 @@ def test_interrupt_point_is_a_no_op_outside_a_stopped_job():
     finally:
         set_job_key(None)
     interrupt_point()
+
+
+def cancels_the_other_job(job, resources, threads, emit):
+    """'canceller' cancels job 0 on the scheduler for every client, as a scheduler restart or a lost
+    connection does; 'slow' is that job."""
+    if job == "canceller":
+        from distributed import Future, get_client
+
+        key = current_job_key()
+        Future(key.rsplit("-", 1)[0] + "-0", get_client()).cancel(force=True)
+        return job
+    time.sleep(5)
+    return job
+
+
+def test_a_job_the_cluster_cancels_ends_the_call_with_one_line_not_as_a_silent_skip():
+    with pytest.raises(EngineError, match="the Dask cluster cancelled a job") as raised:
+        run_jobs(["slow", "canceller"], cancels_the_other_job, setup=Setup(), workers=2, on_event=lambda e: None)
+    assert "\n" not in str(raised.value) and "run the command again" in str(raised.value)
+
+
+def finishes_after_the_stop(job, resources, threads, emit):
+    """'late' is past its last interrupt point when the stop comes and finishes anyway; 'looping'
+    stops at its next interrupt point."""
+    emit({"event": "started", "job": job})
+    while job == "looping":
+        time.sleep(0.05)
+        interrupt_point()
+    time.sleep(2)
+    return job
+
+
+def test_a_job_that_finishes_while_a_stop_waits_is_reported_done():
+    started, done = set(), []
+
+    def on_event(event):
+        started.add(event["job"])
+        if started == {"late", "looping"}:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(["late", "looping"], finishes_after_the_stop, setup=Setup(), workers=2, on_event=on_event,
+                 on_done=done.append, start_together=True)
+    assert done == ["late"]
