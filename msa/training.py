@@ -143,8 +143,8 @@ def _cpuinfo(field: str) -> str:
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matrix work is native here, so autocast makes it faster: a CUDA device with bf16
     (Ampere and later), or a CPU with AVX-512 BF16 or AMX. Elsewhere it is emulated, i.e. slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not torch.cuda.is_bf16_supported(): it counts emulation, on the current device
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":  # no flags (not Linux): no reliable way to tell, and never risk a slower run
         flags = _cpuinfo("flags").split()
         return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -261,6 +261,23 @@ def test_bf16_where_it_is_not_native_warns_once_and_trains_in_fp32_exactly(tiny_
     assert comparable(asked.history) == comparable(fp32.history)        # the fp32 run, bit for bit
 
 
+def test_bf16_on_a_gpu_is_native_from_ampere_on_and_asked_of_the_device_named(monkeypatch):
+    """A T4 or V100 (compute capability 7.x) only emulates bf16: slower, so no. Each GPU answers for itself."""
+    capability = {0: (8, 0), 1: (7, 5)}
+    asked = []
+
+    def get_device_capability(device):
+        asked.append(device)
+        return capability[device.index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # what emulation answers
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    assert training.bf16_supported(torch.device("cuda:0"))
+    assert not training.bf16_supported(torch.device("cuda:1"))
+    assert asked == [torch.device("cuda:0"), torch.device("cuda:1")]
+
+
 def test_bf16_trains_under_autocast_with_fp32_weights_and_loss(tiny_data, monkeypatch):
     monkeypatch.setattr(training, "bf16_supported", lambda device: True)   # emulated here, but the same path
     result = fit(run(epochs=2, precision="bf16"), tiny_data, seed=0)
