@@ -236,10 +236,18 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
             if event.get("event") == "trial":
                 print(event["line"] + eta.after_trial(event["line"]), file=stream, flush=True)
 
+        def loop_lost(job: WorkerJob, reason: str) -> None:  # a worker that died on every attempt (OOM, say)
+            print(f"a search loop was lost: {reason}; any others go on, and tune again makes up its trials",
+                  file=stream, flush=True)
+
+        def run_lost(job: confirm.ConfirmJob, reason: str) -> None:
+            print(f"trial {job.trial}'s re-training on seed {job.seed} was lost: {reason} (tune again retries it)",
+                  file=stream, flush=True)
+
         try:
             worker_setup = WorkerSetup(source, quick, tracking.tracking_uri(), data.digest)
             run_jobs(jobs, optimize, setup=worker_setup, workers=workers, on_event=on_event, local_resources=data,
-                     start_together=True, engine=engine)
+                     start_together=True, engine=engine, lost=loop_lost)
             todo = confirm.pending(optuna.load_study(study_name=name, storage=open_storage(storage, spec.storage)),
                                    spec, setup, storage, where)
             if todo:
@@ -247,7 +255,7 @@ def run_study(spec: TuneSpec, *, data_source: str | None = None, quick: bool = F
                 print(f"re-training the top {top} trial(s) on seed(s) {list(spec.confirm.seeds)} "
                       f"(validation only): {len(todo)} run(s) to go", file=stream, flush=True)
                 run_jobs(todo, confirm.retrain, setup=worker_setup, workers=min(workers, len(todo)),
-                         on_event=on_event, local_resources=data, engine=engine)
+                         on_event=on_event, local_resources=data, engine=engine, lost=run_lost)
         finally:
             session = _finish_session(spec, storage, study, target, timeout, client, experiment, experiment_id,
                                       parent_id, data, suite_spec, started)

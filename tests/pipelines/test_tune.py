@@ -1,6 +1,7 @@
 """The tune pipeline: trials searched on validation only, pruned, resumable, shared, tracked, and compared."""
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -770,3 +771,24 @@ def test_an_interrupted_trial_is_not_reported_by_optuna_with_a_traceback_but_oth
         assert [r.getMessage().split(" with ")[0] for r in seen] == ["Trial 1 failed", "Trial 1 failed"]
     finally:
         optuna_logger.removeHandler(handler)
+
+
+def test_a_search_loop_whose_worker_keeps_dying_is_one_line_and_the_session_ends(tmp_path, store, monkeypatch, capsys):
+    """A sampled config that OOM-kills its worker on every retry: Dask gives up on that loop
+    (KilledWorker). The session says so and ends as usual, instead of a traceback."""
+    from distributed.scheduler import KilledWorker
+
+    session = importlib.import_module("pipelines.tuning.session")
+
+    def dying_run_jobs(jobs, work, *, lost=None, **kwargs):
+        for job in jobs:
+            if lost is None:  # what the executor does without a handler
+                raise KilledWorker("msa-x-0", "tcp://127.0.0.1:1", allowed_failures=3)
+            lost(job, "its worker died on every attempt (KilledWorker)")
+        return []
+
+    monkeypatch.setattr(session, "run_jobs", dying_run_jobs)
+    assert main(["tune", "--spec", str(_tune_spec(tmp_path)), "--quick", "--trials", "1"]) in (0, 1)
+    out = capsys.readouterr()
+    assert "a search loop was lost: its worker died on every attempt (KilledWorker)" in out.out + out.err
+    assert "Traceback" not in out.err
