@@ -7,6 +7,7 @@ the `RunTask` and the data; everything it makes goes to the tracking store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -111,19 +112,28 @@ def execute(task: RunTask, data: MOSIData, threads: int | None = None, progress:
                                 f"{data.digest}, the suite's data has digest {task.data_digest}: every machine "
                                 "must see the same data file (same path, same content)")
     client = MlflowClient(tracking.tracking_uri())
-    taken = claims.find_taken(client, task.experiment_id, task.run_key)
-    tags = {
-        "ablation": task.ablation, "seed": str(task.seed), "run_key": task.run_key,
-        "config_hash": task.config.config_hash(), "data_digest": data.digest,
-        "synthetic": str(data.synthetic).lower(), "code_version": tracking.code_version(),
-        "data_source": data.source, "device": task.device, **tracking.hardware_tags(task.device, threads),
-        **dict(task.extra_tags), **claims.claim_tags(),
-    }
-    params = {**task.config.flat(), "seed": task.seed, **{f"data.dim.{m}": d for m, d in data.dims.items()}}
-    if taken is None:
-        run_id = tracking.start_run(client, task.experiment_id, tracking.run_name(task.ablation, task.seed),
-                                    tags=tags, params=params, parent_run_id=task.parent_run_id)
-        taken = claims.settle(client, task.experiment_id, task.run_key, run_id)
+    run_id = None
+    try:
+        taken = claims.find_taken(client, task.experiment_id, task.run_key)
+        tags = {
+            "ablation": task.ablation, "seed": str(task.seed), "run_key": task.run_key,
+            "config_hash": task.config.config_hash(), "data_digest": data.digest,
+            "synthetic": str(data.synthetic).lower(), "code_version": tracking.code_version(),
+            "data_source": data.source, "device": task.device, **tracking.hardware_tags(task.device, threads),
+            **dict(task.extra_tags), **claims.claim_tags(),
+        }
+        params = {**task.config.flat(), "seed": task.seed, **{f"data.dim.{m}": d for m, d in data.dims.items()}}
+        if taken is None:
+            run_id = tracking.start_run(client, task.experiment_id, tracking.run_name(task.ablation, task.seed),
+                                        tags=tags, params=params, parent_run_id=task.parent_run_id)
+            taken = claims.settle(client, task.experiment_id, task.run_key, run_id)
+    except Exception as e:  # the store or the device failed before training: this run fails, not the suite
+        error = f"{type(e).__name__}: {e}"
+        if run_id is not None:
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, "error", error[:5000])
+                client.set_terminated(run_id, "FAILED")
+        return RunOutcome(task.ablation, task.seed, RunStatus.FAILED, run_id, time.monotonic() - start, error=error)
     if taken is not None:
         return _done_elsewhere(task, taken, time.monotonic() - start)
     try:

@@ -404,3 +404,24 @@ def test_bf16_where_it_is_not_native_is_an_fp32_run_never_reused_as_bf16(tmp_pat
     assert "no native bf16" not in capsys.readouterr().err
     assert runs() == [("bf16", "bf16", "-"), ("fp32", "fp32", "bf16")]      # trained in bf16, the fp32 run kept
     assert main(bf16) == 0 and len(runs()) == 2                              # and that one is reused
+
+
+def test_a_run_whose_store_call_fails_before_training_fails_alone(tmp_path, store, monkeypatch, capsys):
+    """A tracking call (or a device lookup) that raises before training starts fails that run, with its
+    error recorded, and the suite goes on; it used to end the whole suite in a traceback."""
+    from pipelines import tracking
+
+    real = tracking.start_run
+
+    def start_run(client, experiment_id, name, **kwargs):
+        if name.startswith("broken"):
+            raise OSError("the store went away")
+        return real(client, experiment_id, name, **kwargs)
+
+    monkeypatch.setattr(tracking, "start_run", start_run)
+    spec = _write_spec(tmp_path, "  baseline: {}\n  broken:\n    train: {lr: 0.002}\n")
+    assert main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "OSError: the store went away" in out.out + out.err
+    runs = {r.data.tags["ablation"]: r for r in _children(MlflowClient(store), "unit")}
+    assert set(runs) == {"baseline"} and runs["baseline"].info.status == "FINISHED"
