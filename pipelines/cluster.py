@@ -139,9 +139,15 @@ def _check_cluster(client, engine: Engine) -> None:
         client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
     except TimeoutError:
         raise EngineError(f"no Dask worker joined the scheduler at {engine.scheduler} within {WORKERS_WAIT_S} s; "
-                          f"start workers with `dask worker {engine.scheduler}`") from None
+                          f"start workers with `dask worker {engine.scheduler} --nthreads 1`") from None
+    info = client.scheduler_info()["workers"]
+    threaded = sorted(address for address, w in info.items() if w.get("nthreads", 1) > 1)
+    if threaded:  # torch's seeds and thread settings belong to a process: runs in threads would not reproduce
+        raise EngineError(f"{len(threaded)} worker(s) of the Dask cluster at {engine.scheduler} run several threads "
+                          f"(e.g. {threaded[0]}), so their runs would not be reproducible; start workers with "
+                          f"`dask worker {engine.scheduler} --nthreads 1 --nworkers K` (one process per run)")
     if engine.uses_gpu:
-        workers = client.scheduler_info()["workers"].values()
+        workers = info.values()
         if not any(w.get("resources", {}).get("GPU") for w in workers):
             raise EngineError(f"--device {engine.device}: no worker of the Dask cluster at {engine.scheduler} "
                               "declares a GPU; start GPU workers with `dask worker ... --resources GPU=1`")

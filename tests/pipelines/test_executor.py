@@ -258,3 +258,25 @@ def test_a_job_that_finishes_while_a_stop_waits_is_reported_done():
         run_jobs(["late", "looping"], finishes_after_the_stop, setup=Setup(), workers=2, on_event=on_event,
                  on_done=done.append, start_together=True)
     assert done == ["late"]
+
+
+class _FakeClient:
+    def __init__(self, workers):
+        self.workers = workers
+
+    def wait_for_workers(self, n, timeout):
+        pass
+
+    def scheduler_info(self):
+        return {"workers": self.workers}
+
+
+def test_a_cluster_whose_workers_run_several_threads_is_refused_saying_how_to_start_them():
+    engine = Engine(scheduler="tcp://10.0.0.1:8786")
+    one = {"tcp://10.0.0.2:1": {"nthreads": 1}, "tcp://10.0.0.2:2": {"nthreads": 1}}
+    cluster._check_cluster(_FakeClient(one), engine)
+    with pytest.raises(EngineError) as refused:
+        cluster._check_cluster(_FakeClient({**one, "tcp://10.0.0.3:1": {"nthreads": 4}}), engine)
+    said = str(refused.value)
+    assert "1 worker(s)" in said and "tcp://10.0.0.3:1" in said and "not be reproducible" in said
+    assert "--nthreads 1" in said and "\n" not in said
