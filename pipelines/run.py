@@ -179,8 +179,9 @@ def _predict(args: argparse.Namespace) -> int:
         print("no labels in the file: predictions only")
     try:
         done.table.to_csv(out, index=False)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    except OSError as e:  # its folder was found writable above: a full disk, say, the machine's fault
+        print(f"error: --out {out}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        return EXIT_SYSTEM_ERROR
     n = len(done.table)
     print(f"Wrote {n} prediction{'' if n == 1 else 's'} ({', '.join(done.table.columns)}) to {out}{synthetic}")
     return 0

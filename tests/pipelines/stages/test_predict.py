@@ -228,3 +228,16 @@ def test_an_unwritable_out_folder_is_one_line_before_anything_is_loaded(at, caps
     assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
                  "--out", str(folder / "p.csv")]) == 2
     assert capsys.readouterr().err == f"error: --out {folder}: {folder} is not writable by this user\n"
+
+
+def test_a_disk_that_fills_up_while_writing_is_one_line_exit_1(at, capsys, monkeypatch):
+    import errno
+
+    def full_disk(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    out = at["tmp"] / "full.csv"
+    assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
+                 "--out", str(out)]) == 1                                   # the machine's fault, as README says
+    assert capsys.readouterr().err == f"error: --out {out}: cannot write it (No space left on device)\n"
