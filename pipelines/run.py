@@ -244,7 +244,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=positive_seconds, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--storage", metavar="URL|PATH",
                    help="Optuna storage: a URL (postgresql://... for several machines) or a journal file "
-                        "(default: mlruns/optuna/journal.log)")
+                        "(default: optuna/journal.log beside the SQLite tracking store: mlruns/optuna/journal.log)")
     p.add_argument("--study", type=name_value, metavar="NAME",
                    help="study name (default: the spec's, with -quick for --quick)")
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the ablations spec's)")
