@@ -7,8 +7,10 @@ other's. A worker that dies has its task run again on another worker, up to the 
 go on. A stop (Ctrl-C, SIGTERM in the caller) marks the call stopped on every worker, so that its
 queued jobs return at once and its running jobs raise `Interrupted` at their next
 `executor.interrupt_point` (the end of an epoch), recording themselves KILLED as they unwind; a job
-that finishes meanwhile is reported done. A job the cluster cancels (its scheduler restarted, or
-this client lost it) ends the call with an EngineError: nothing is silently left out.
+that finishes meanwhile is reported done. The wait says so on stderr; a second interrupt ends it at
+once (LeftRunning: those runs stay RUNNING until the next command). A job the cluster cancels (its
+scheduler restarted, or this client lost it) ends the call with an EngineError: nothing is silently
+left out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -26,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from typing import Any, NamedTuple
 
-from pipelines.executor import Emit, Engine, EngineError, Work, set_job_key
+from pipelines.executor import Emit, Engine, EngineError, LeftRunning, Work, set_job_key
 
 STOP_WAIT_S = 60          # how long a stop waits for running jobs to record themselves KILLED
 WORKERS_WAIT_S = 60       # how long a call on a running cluster waits for its first worker
@@ -83,10 +86,7 @@ def run_on_dask(jobs: Sequence[Any], work: Work, *, setup: Callable[[], Any], wo
         except BaseException:
             with contextlib.suppress(Exception):
                 client.run(_stop, token)  # queued jobs never start; running ones unwind, KILLED
-            # Polled: distributed.wait() looks for a default client, which this one is not.
-            deadline = time.monotonic() + STOP_WAIT_S
-            while time.monotonic() < deadline and not all(f.done() for f in pending):
-                time.sleep(POLL_S)
+            hurried = _wait_for_stop(pending)
             _drain(events, on_event)
             # A job past its last interrupt point when the stop came finished all the same: its caller hears so.
             for future in [f for f in pending if f.status == "finished"]:
@@ -95,10 +95,28 @@ def run_on_dask(jobs: Sequence[Any], work: Work, *, setup: Callable[[], Any], wo
                     if not isinstance(outcome, _Signal):
                         on_done(outcome)
             client.cancel(list(pending))
+            if hurried:
+                raise LeftRunning("interrupted again while the runs in flight were stopping") from None
             raise
         finally:
             with contextlib.suppress(Exception):
                 client.unsubscribe_topic(token)
+
+
+def _wait_for_stop(pending: set) -> bool:
+    """Wait up to STOP_WAIT_S for the stopped call's jobs to end, saying so; a second interrupt ends the
+    wait at once (returns True). Polled: distributed.wait() looks for a default client, which this one is not."""
+    if all(f.done() for f in pending):
+        return False
+    print(f"stopping: each run in flight ends at its next epoch and is recorded KILLED (waiting up to "
+          f"{STOP_WAIT_S} s; interrupt again to leave now)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + STOP_WAIT_S
+    try:
+        while time.monotonic() < deadline and not all(f.done() for f in pending):
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        return True
+    return False
 
 
 @contextlib.contextmanager

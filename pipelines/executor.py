@@ -38,6 +38,11 @@ class Interrupted(KeyboardInterrupt):
     terminated job unwinds (and records itself) as on Ctrl-C."""
 
 
+class LeftRunning(KeyboardInterrupt):
+    """A second interrupt while a stop waited for the jobs in flight: they were left as they were, so their
+    runs stay RUNNING until the next command marks them KILLED."""
+
+
 class EngineError(UserError):
     """The engine cannot run anything (no scheduler there, no worker with a GPU); the message says why."""
 
@@ -193,6 +198,6 @@ def _on_dask(jobs, work, setup, workers, threads, on_event, on_done, lost, engin
                        on_event=on_event, on_done=on_done, lost=lost, engine=engine, start_together=start_together)
 
 
-__all__ = ["run_jobs", "Engine", "EngineError", "Interrupted", "install_sigterm_handler", "default_workers",
-           "PARALLEL_WORK",
-           "threads_per_worker", "describe", "current_job_key", "set_job_key", "interrupt_point", "SCHEDULER_ENV"]
+__all__ = ["run_jobs", "Engine", "EngineError", "Interrupted", "LeftRunning", "install_sigterm_handler",
+           "default_workers", "PARALLEL_WORK", "threads_per_worker", "describe", "current_job_key", "set_job_key",
+           "interrupt_point", "SCHEDULER_ENV"]

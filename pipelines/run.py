@@ -312,9 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {where}{e.strerror or e} (finished runs are kept; run the same command again once "
               "this is mended)", file=sys.stderr)
         return EXIT_SYSTEM_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: runs in flight were recorded as KILLED; finished runs are kept. "
-              "Run the same command again to finish only what is missing.", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from pipelines.executor import LeftRunning
+
+        stopped = ("runs still in flight stay RUNNING until the next command marks them KILLED"
+                   if isinstance(e, LeftRunning) else "runs in flight were recorded as KILLED")
+        print(f"interrupted: {stopped}; finished runs are kept. Run the same command again to finish only what "
+              "is missing.", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

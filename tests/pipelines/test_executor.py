@@ -15,6 +15,7 @@ from pipelines.executor import (
     Engine,
     EngineError,
     Interrupted,
+    LeftRunning,
     current_job_key,
     describe,
     interrupt_point,
@@ -280,3 +281,27 @@ def test_a_cluster_whose_workers_run_several_threads_is_refused_saying_how_to_st
     said = str(refused.value)
     assert "1 worker(s)" in said and "tcp://10.0.0.3:1" in said and "not be reproducible" in said
     assert "--nthreads 1" in said and "\n" not in said
+
+
+def never_stops(job, resources, threads, emit):
+    emit({"event": "started", "job": job})
+    time.sleep(30)  # no interrupt point: a stop must wait for it
+    return job
+
+
+def test_a_second_interrupt_while_a_stop_waits_leaves_at_once_saying_the_runs_stay_running(capsys):
+    import _thread
+
+    first = []
+
+    def on_event(event):
+        if not first:
+            first.append(event)
+            threading.Timer(1.0, _thread.interrupt_main).start()  # the second Ctrl-C, while the stop waits
+            raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(LeftRunning):
+        run_jobs(["a", "b"], never_stops, setup=Setup(), workers=2, on_event=on_event, start_together=True)
+    assert time.monotonic() - start < cluster.STOP_WAIT_S / 2
+    assert "stopping: each run in flight ends at its next epoch" in capsys.readouterr().err

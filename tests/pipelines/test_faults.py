@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipelines import claims, cores, tracking, tune
+from pipelines.executor import LeftRunning
 from pipelines.run import main
 from pipelines.tuning.storage import OnDeadTrial, trial_id
 
@@ -214,3 +215,19 @@ def test_two_commands_on_a_new_store_at_once_both_succeed(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert all(r.inputs.dataset_inputs for r in runs)
+
+
+@pytest.mark.parametrize("raised, said", [
+    (KeyboardInterrupt(), "runs in flight were recorded as KILLED"),
+    (LeftRunning("again"), "runs still in flight stay RUNNING until the next command marks them KILLED"),
+])
+def test_an_interrupt_says_truly_what_became_of_the_runs_in_flight(monkeypatch, capsys, raised, said):
+    import pipelines.run
+
+    def interrupted(args):
+        raise raised
+
+    monkeypatch.setattr(pipelines.run, "_ablations", interrupted)
+    assert main(["ablations", "--quick"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted: {said}; finished runs are kept.") and err.count("\n") == 1
