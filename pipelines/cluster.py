@@ -9,7 +9,7 @@ queued jobs return at once and its running jobs raise `Interrupted` at their nex
 `executor.interrupt_point` (the end of an epoch), recording themselves KILLED as they unwind; a job
 that finishes meanwhile is reported done. The wait says so on stderr; a second interrupt ends it at
 once (LeftRunning: those runs stay RUNNING until the next command). A job the cluster cancels (its
-scheduler restarted, or this client lost it) ends the call with an EngineError: nothing is silently
+scheduler restarted, or this client lost it) ends the call with ClusterLost: nothing is silently
 left out.
 """
 
@@ -41,6 +41,11 @@ POLL_S = 0.2
 # one. Our LocalCluster's workers start without it; on any other worker `adaptive_malloc` undoes it.
 GLIBC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+class ClusterLost(ConnectionError):
+    """The cluster dropped this call's jobs (its scheduler restarted, the connection to it was lost): the
+    machine's fault, so `main` ends it like any OSError, exit 1, finished runs kept."""
 
 
 class _Signal:
@@ -76,47 +81,50 @@ def run_on_dask(jobs: Sequence[Any], work: Work, *, setup: Callable[[], Any], wo
             while pending:
                 _drain(events, on_event, block=POLL_S)
                 for future in [f for f in pending if f.done()]:
-                    pending.discard(future)
                     _drain(events, on_event)
                     outcome = _outcome(future, futures[future], lost)
                     if not isinstance(outcome, _Signal):
                         outcomes.append(outcome)
                         on_done(outcome)
+                    pending.discard(future)  # after on_done: a stop in between still reports it
             return outcomes
-        except BaseException:
-            with contextlib.suppress(Exception):
-                client.run(_stop, token)  # queued jobs never start; running ones unwind, KILLED
-            hurried = _wait_for_stop(pending)
-            _drain(events, on_event)
-            # A job past its last interrupt point when the stop came finished all the same: its caller hears so.
-            for future in [f for f in pending if f.status == "finished"]:
-                with contextlib.suppress(Exception):
-                    outcome = future.result()
-                    if not isinstance(outcome, _Signal):
-                        on_done(outcome)
-            client.cancel(list(pending))
-            if hurried:
-                raise LeftRunning("interrupted again while the runs in flight were stopping") from None
+        except BaseException as stopping:
+            left = _stop_call(client, token, pending, events, on_event, on_done)
+            if left and isinstance(stopping, KeyboardInterrupt):
+                raise LeftRunning("runs in flight did not stop in time") from None
             raise
         finally:
             with contextlib.suppress(Exception):
                 client.unsubscribe_topic(token)
 
 
-def _wait_for_stop(pending: set) -> bool:
-    """Wait up to STOP_WAIT_S for the stopped call's jobs to end, saying so; a second interrupt ends the
-    wait at once (returns True). Polled: distributed.wait() looks for a default client, which this one is not."""
-    if all(f.done() for f in pending):
-        return False
-    print(f"stopping: each run in flight ends at its next epoch and is recorded KILLED (waiting up to "
-          f"{STOP_WAIT_S} s; interrupt again to leave now)", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + STOP_WAIT_S
+def _stop_call(client, token: str, pending: set, events: queue.Queue, on_event: Emit,
+               on_done: Callable[[Any], None]) -> bool:
+    """Stop a call: its queued jobs never start, its running ones unwind at their next interrupt point
+    (recording themselves KILLED); wait up to STOP_WAIT_S for them, saying so. A job that finished
+    meanwhile is reported done. True when jobs may have been left running: the wait ran out, or a
+    second interrupt cut it short."""
     try:
+        with contextlib.suppress(Exception):
+            client.run(_stop, token)
+        if not all(f.done() for f in pending):
+            print(f"stopping: each run in flight ends at its next epoch and is recorded KILLED (waiting up to "
+                  f"{STOP_WAIT_S} s; interrupt again to leave now)", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + STOP_WAIT_S  # polled: distributed.wait() wants a default client
         while time.monotonic() < deadline and not all(f.done() for f in pending):
             time.sleep(POLL_S)
+        _drain(events, on_event)
+        for future in [f for f in pending if f.status == "finished"]:
+            with contextlib.suppress(Exception):
+                outcome = future.result()
+                if not isinstance(outcome, _Signal):
+                    on_done(outcome)
+        return not all(f.done() for f in pending)
     except KeyboardInterrupt:
         return True
-    return False
+    finally:
+        with contextlib.suppress(Exception):
+            client.cancel(list(pending))
 
 
 @contextlib.contextmanager
@@ -168,7 +176,7 @@ def _check_cluster(client, engine: Engine) -> None:
         workers = info.values()
         if not any(w.get("resources", {}).get("GPU") for w in workers):
             raise EngineError(f"--device {engine.device}: no worker of the Dask cluster at {engine.scheduler} "
-                              "declares a GPU; start GPU workers with `dask worker ... --resources GPU=1`")
+                              "declares a GPU; start GPU workers with `dask worker ... --nthreads 1 --resources GPU=1`")
 
 
 class ClusterDevices(NamedTuple):
@@ -217,8 +225,8 @@ def _outcome(future, job: Any, lost: Callable[[Any, str], Any] | None) -> Any:
             future.result()
         except Exception as e:
             reason = getattr(e, "reason", type(e).__name__)
-        raise EngineError(f"the Dask cluster cancelled a job ({reason}: the scheduler restarted, or this command "
-                          "lost it); what finished is recorded: run the command again to go on") from None
+        raise ClusterLost(f"the Dask cluster cancelled a job ({reason}): its scheduler restarted, or this command "
+                          "lost it") from None
     if future.status == "error":
         error = future.exception()
         if isinstance(error, KilledWorker) and lost is not None:
@@ -295,4 +303,4 @@ def _stop(token: str) -> None:
     _STOPPED.add(token)
 
 
-__all__ = ["run_on_dask", "connect", "cluster_devices", "dask_setup", "NOT_STARTED", "INTERRUPTED"]
+__all__ = ["run_on_dask", "connect", "ClusterLost", "cluster_devices", "dask_setup", "NOT_STARTED", "INTERRUPTED"]

@@ -53,7 +53,7 @@ def resolve_on_cluster(device: str, address: str, *, gpu_workers: int, cuda_work
     device = "cuda" if device == "auto" else device
     if not gpu_workers:
         raise DeviceError(f"--device {device}: no worker of the Dask cluster at {address} declares a GPU; start "
-                          "GPU workers with `dask worker ... --resources GPU=1`, or use --device cpu")
+                          "GPU workers with `dask worker ... --nthreads 1 --resources GPU=1`, or use --device cpu")
     if not cuda_workers:
         raise DeviceError(f"--device {device}: no worker of the Dask cluster at {address} has a CUDA device")
     return device
