@@ -6,6 +6,7 @@ The default store is `./mlruns/mlflow.db` (SQLite) with artifacts in `./mlruns/a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -179,7 +180,13 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, *, tags: Mapp
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
     if params:
-        log_params(client, run_id, params)
+        try:
+            log_params(client, run_id, params)
+        except Exception as e:  # never leave a RUNNING run (with a claim, maybe) that nobody will end
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+                client.set_terminated(run_id, "FAILED")
+            raise
     return run_id
 
 

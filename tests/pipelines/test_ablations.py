@@ -411,17 +411,19 @@ def test_a_run_whose_store_call_fails_before_training_fails_alone(tmp_path, stor
     error recorded, and the suite goes on; it used to end the whole suite in a traceback."""
     from pipelines import tracking
 
-    real = tracking.start_run
+    real = tracking.log_params
 
-    def start_run(client, experiment_id, name, **kwargs):
-        if name.startswith("broken"):
-            raise OSError("the store went away")
-        return real(client, experiment_id, name, **kwargs)
+    def log_params(client, run_id, params):
+        if params.get("train.lr") == 0.002:
+            raise RuntimeError("the store refused the params")
+        return real(client, run_id, params)
 
-    monkeypatch.setattr(tracking, "start_run", start_run)
+    monkeypatch.setattr(tracking, "log_params", log_params)
     spec = _write_spec(tmp_path, "  baseline: {}\n  broken:\n    train: {lr: 0.002}\n")
     assert main(["ablations", "--spec", str(spec), "--quick", "--workers", "1", "--epochs", "1"]) == 1
     out = capsys.readouterr()
-    assert "Traceback" not in out.err and "OSError: the store went away" in out.out + out.err
+    assert "Traceback" not in out.err and "RuntimeError: the store refused the params" in out.out + out.err
     runs = {r.data.tags["ablation"]: r for r in _children(MlflowClient(store), "unit")}
-    assert set(runs) == {"baseline"} and runs["baseline"].info.status == "FINISHED"
+    assert runs["baseline"].info.status == "FINISHED"
+    assert runs["broken"].info.status == "FAILED"                           # created, then ended: never left RUNNING
+    assert runs["broken"].data.tags["error"] == "RuntimeError: the store refused the params"
