@@ -8,6 +8,8 @@ and exit status 2, never a traceback. Parsing the command line imports neither t
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,8 @@ EXIT_USER_ERROR = 2
 EXIT_SYSTEM_ERROR = 1  # the machine's fault, not the command's: a full disk, a folder made read-only meanwhile
 REPORTS = Path("reports")  # where comparisons are written, below the working folder
 EXIT_INTERRUPTED = 130
+# What writing a file checked writable beforehand can still meet: the machine's fault (exit 1)
+MACHINE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -160,6 +164,8 @@ def _predict(args: argparse.Namespace) -> int:
     if not out.parent.is_dir() or out.is_dir():
         raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
     check_writable_dir(out.parent, "--out")  # found now, not after the model has predicted
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: is not writable by this user")
     try:
         found = stage.find_model(args.model)  # before the data: a wrong URI or store is told at once
         data = prepare(args.data, quick=args.quick, partial=True)
@@ -179,7 +185,9 @@ def _predict(args: argparse.Namespace) -> int:
         print("no labels in the file: predictions only")
     try:
         done.table.to_csv(out, index=False)
-    except OSError as e:  # its folder was found writable above: a full disk, say, the machine's fault
+    except OSError as e:
+        if e.errno not in MACHINE_FAULTS:  # a name too long, say: the command's
+            raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
         print(f"error: --out {out}: cannot write it ({e.strerror or e})", file=sys.stderr)
         return EXIT_SYSTEM_ERROR
     n = len(done.table)
@@ -244,7 +252,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=positive_seconds, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--storage", metavar="URL|PATH",
                    help="Optuna storage: a URL (postgresql://... for several machines) or a journal file "
-                        "(default: optuna/journal.log beside the SQLite tracking store: mlruns/optuna/journal.log)")
+                        "(default: optuna/journal.log beside the SQLite tracking store, else in ./mlruns)")
     p.add_argument("--study", type=name_value, metavar="NAME",
                    help="study name (default: the spec's, with -quick for --quick)")
     p.add_argument("--data", metavar="PATH|synthetic", help="data source (default: the ablations spec's)")

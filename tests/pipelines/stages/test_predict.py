@@ -241,3 +241,28 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_exit_1(at, capsys, monke
     assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
                  "--out", str(out)]) == 1                                   # the machine's fault, as README says
     assert capsys.readouterr().err == f"error: --out {out}: cannot write it (No space left on device)\n"
+
+
+def test_an_out_file_that_cannot_be_written_is_the_users_one_line_exit_2(at, capsys, monkeypatch):
+    import errno
+
+    locked = at["tmp"] / "locked.csv"
+    locked.write_text("someone else's\n")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    from pipelines.stages.predict import predict_data
+    monkeypatch.setattr("pipelines.stages.predict.predict_data",
+                        lambda *a, **k: pytest.fail("predicted before the --out check"))
+    argv = ["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl", "--out"]
+    assert main([*argv, str(locked)]) == 2
+    assert capsys.readouterr().err == f"error: --out {locked}: is not writable by this user\n"
+    monkeypatch.setattr(os, "access", real_access)
+    monkeypatch.setattr("pipelines.stages.predict.predict_data", predict_data)
+
+    def too_long(self, path, **kwargs):
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", too_long)
+    out = at["tmp"] / "p.csv"
+    assert main([*argv, str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --out {out}: cannot write it (File name too long)\n"
