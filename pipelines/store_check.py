@@ -43,6 +43,7 @@ def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
         return uri
     if uri.startswith(("http://", "https://")):
         import urllib.error
+        import urllib.parse
         import urllib.request
 
         # MLflow's REST API answers this with JSON: the experiment, or an error code if there is no
@@ -58,6 +59,11 @@ def check_store(*, write: bool = True, probe_seconds: float = 10.0) -> str:
             reason = getattr(e, "reason", e)
             raise StoreError(f"tracking server {uri}: does not answer ({reason}); start it, or set "
                              "MLFLOW_TRACKING_URI to a reachable store") from None
+        if status == 403 and b"Invalid Host header" in body:  # MLflow >= 3.5 answers only names it was given
+            host = urllib.parse.urlsplit(uri).netloc
+            raise StoreError(f"tracking server {uri}: refuses '{host}' as its host name (HTTP 403, Invalid Host "
+                             f"header); start `mlflow server` with --allowed-hosts {host} (besides localhost and "
+                             "private IPs, it accepts only the names it is given)") from None
         if status not in (401, 403) and not _is_mlflow_answer(body):
             raise StoreError(f"tracking server {uri}: answers, but not as an MLflow server (HTTP {status} to "
                              f"{probe.removeprefix(uri.rstrip('/'))}); check the address and port in "

@@ -231,3 +231,32 @@ print(json.dumps(seen))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [[argv, 0 if "--help" in argv else 2, []] for argv in argvs] + [
         [bad_spec, 2, ["torch"]]]
+
+
+def test_a_server_that_refuses_the_host_name_says_which_option_lets_it_in(monkeypatch, capsys):
+    """MLflow >= 3.5 answers 403 'Invalid Host header' to a name it was not given (`http://mlflow:5000`
+    in a compose network): the line says which server option lets it in."""
+    import http.server
+    import threading
+
+    class RefusesHost(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"Invalid Host header - possible DNS rebinding attack detected"
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusesHost)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://localhost:{server.server_port}")
+        assert main(["compare"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--allowed-hosts localhost:{server.server_port}" in err, err
+    finally:
+        server.shutdown()
+        server.server_close()
