@@ -12,9 +12,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipelines import tracking
 from pipelines.stages.compare import compare
@@ -78,6 +80,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
+def _compose_allowed_hosts() -> str:
+    """The host names docker/compose.yaml's mlflow server accepts: tested here on a real server."""
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "compose.yaml").read_text())
+    command = compose["services"]["mlflow"]["command"]
+    return command[command.index("--allowed-hosts") + 1]
+
+
 @pytest.fixture
 def server(tmp_path, monkeypatch, suite_recorder):
     """A suite + comparison in a fresh default-layout store, served by `mlflow server` on loopback."""
@@ -89,7 +100,7 @@ def server(tmp_path, monkeypatch, suite_recorder):
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-           "--default-artifact-root", str(store / "artifacts")]
+           "--default-artifact-root", str(store / "artifacts"), "--allowed-hosts", _compose_allowed_hosts()]
     # The server's job runner (GenAI jobs) would start seven more processes this test never uses.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -126,3 +137,22 @@ def test_server_lists_the_suite_runs_and_serves_the_comparison(server):
     assert table[1]["MAE_mark"] == "▲" and table[1]["Corr_mark"] in ("▲", "~")   # two seeds a side: t is wide
     page = _get(base, "/get-artifact", path="comparison/report.html", run_uuid=pid).decode("utf-8")
     assert "data:image/png;base64," in page
+
+
+def test_the_compose_servers_host_names_are_let_in_and_others_are_not(server):
+    """docker/compose.yaml's clients reach the server as http://mlflow:5000: MLflow >= 3.5 answers 403 to
+    a Host header it was not given, so the compose file must name it."""
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "compose.yaml").read_text())
+    client_host = urllib.parse.urlsplit(compose["x-pipeline"]["environment"]["MLFLOW_TRACKING_URI"]).netloc
+
+    def status(host: str) -> int:
+        request = urllib.request.Request(f"{server['base']}/api/2.0/mlflow/experiments/get-by-name?"
+                                         f"experiment_name={EXPERIMENT}", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(client_host) == 200 and status("localhost:5000") == 200
+    assert status("elsewhere.example:5000") == 403
