@@ -87,6 +87,21 @@ def _with_seeds(spec: Spec, seeds: Sequence[int]) -> Spec:
     return replace(spec, seeds=tuple(dict.fromkeys(int(s) for s in seeds)))  # a repeated seed runs once
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the
+    last one silently, so an ablation pasted twice under one name would replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
     """A spec file's content; a missing file or broken YAML is a SpecError naming the file."""
     if not path.is_file():
@@ -94,9 +109,12 @@ def read_yaml(path: Path) -> Any:
         hint = f" (the bundled one is {bundled})" if bundled.is_file() and not path.is_absolute() else ""
         raise SpecError(f"{path}: no such spec file{hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}{where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a YAML text file (it is not UTF-8); give a spec file") from None
     except OSError as e:

@@ -260,3 +260,19 @@ def test_a_server_that_refuses_the_host_name_says_which_option_lets_it_in(monkey
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("text, said", [
+    # an ablation pasted twice under one name: plain YAML keeps the second silently
+    ("experiment: unit\nablations:\n  baseline: {}\n  text_only:\n    model: {modalities: [text]}\n"
+     "  text_only:\n    model: {hidden: 128}\n", "line 6, column 3: not valid YAML ('text_only' is given twice"),
+    # a brace left off: where it is, not only that it is
+    ("experiment: unit\nablations:\n  baseline: {}\n  loss_mae:\n    train: {loss: l1\n",
+     "line 6, column 1: not valid YAML (expected ',' or '}'"),
+])
+def test_a_spec_that_is_not_valid_yaml_says_where(tmp_path, capsys, text, said):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    assert main(["ablations", "--spec", str(spec), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {spec} {said}") and err.count("\n") == 1, err
