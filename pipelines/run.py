@@ -312,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_sigterm_handler()  # from here on SIGTERM unwinds like Ctrl-C: runs in flight end KILLED
     try:
         return args.func(args)
+    # First: an interrupt while torch is being imported must not import it again (user_errors() does),
+    # which ended in a second traceback or a segfault.
+    except KeyboardInterrupt as e:
+        print(_interrupted(args, e), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -320,14 +325,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {where}{e.strerror or e} (finished runs are kept; run the same command again once "
               "this is mended)", file=sys.stderr)
         return EXIT_SYSTEM_ERROR
-    except KeyboardInterrupt as e:
-        from pipelines.executor import LeftRunning
 
-        stopped = ("runs still in flight stay RUNNING until the next command marks them KILLED"
-                   if isinstance(e, LeftRunning) else "runs in flight were recorded as KILLED")
-        print(f"interrupted: {stopped}; finished runs are kept. Run the same command again to finish only what "
-              "is missing.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+
+def _interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
+    """The last line of an interrupted command: what became of its runs, where it has any."""
+    from pipelines.executor import LeftRunning
+
+    if args.func not in (_ablations, _tune):
+        return "interrupted"
+    stopped = ("runs still in flight stay RUNNING until the next command marks them KILLED"
+               if isinstance(e, LeftRunning) else "any run in flight was recorded as KILLED")
+    return (f"interrupted: {stopped}; finished runs are kept. Run the same command again to finish what is "
+            "missing (runs, then the comparison and the champion).")
 
 
 if __name__ == "__main__":

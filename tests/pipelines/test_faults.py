@@ -218,7 +218,7 @@ def test_two_commands_on_a_new_store_at_once_both_succeed(tmp_path):
 
 
 @pytest.mark.parametrize("raised, said", [
-    (KeyboardInterrupt(), "runs in flight were recorded as KILLED"),
+    (KeyboardInterrupt(), "any run in flight was recorded as KILLED"),
     (LeftRunning("again"), "runs still in flight stay RUNNING until the next command marks them KILLED"),
 ])
 def test_an_interrupt_says_truly_what_became_of_the_runs_in_flight(monkeypatch, capsys, raised, said):
@@ -231,3 +231,17 @@ def test_an_interrupt_says_truly_what_became_of_the_runs_in_flight(monkeypatch, 
     assert main(["ablations", "--quick"]) == 130
     err = capsys.readouterr().err
     assert err.startswith(f"interrupted: {said}; finished runs are kept.") and err.count("\n") == 1
+
+
+def test_an_interrupt_while_torch_is_imported_is_one_line_and_imports_nothing_more(monkeypatch, capsys):
+    """Ctrl-C in a command's first second lands inside `import torch`; the handler must not import it
+    again (a second traceback, or a segfault), and a command that trains nothing says no more than that."""
+    import pipelines.run
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.run, "_prepare", interrupted)
+    monkeypatch.setattr(pipelines.run, "user_errors", lambda: pytest.fail("imported the error classes"))
+    assert main(["prepare", "--data", "synthetic"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
