@@ -59,20 +59,22 @@ def _ablations(args: argparse.Namespace) -> int:
     _check_outputs(REPORTS / spec.experiment)
     data = prepare(spec.data if args.data is None else args.data, quick=args.quick)  # --data '' is a mistake
     extra = {}
+    asked = bool(args.only) and TUNED in args.only  # by name: it runs, or the command says why not
+    no_study = (f"{TUNED}: no tuning study has a best trial on this data yet (run `python -m pipelines.run "
+                f"tune` first, or leave it out of --only)")
     # Optuna (and the tuning package) only where a study can be found: its journal exists.
-    if (not args.only or TUNED in args.only) and tracking.study_journal().is_file():
+    if (not args.only or asked) and tracking.study_journal().is_file():
         from pipelines.tuning import tuned_for
 
         override, line = tuned_for(spec, quick=args.quick, data_digest=data.digest)
-        if override is None and line and args.only:  # asked for by name, and it cannot join
-            raise UserError(line)
+        if override is None and asked:
+            raise UserError(line or no_study)
         if line:
             print(f"note: {line}", file=sys.stderr)
         if override is not None:
             extra[TUNED] = override
-    if not spec.ablations and not extra:
-        raise UserError("nothing to run: no tuning study has a best trial on this data yet "
-                        "(run `python -m pipelines.run tune` first, or name other ablations)")
+    elif asked:
+        raise UserError(no_study)
     result = suite.run_suite(spec, data_source=args.data, data=data, quick=args.quick, workers=args.workers,
                              extra_ablations=extra, engine=engine)
     suite.report(result, *suite.compare(result))

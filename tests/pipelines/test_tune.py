@@ -491,6 +491,10 @@ def test_ablations_include_improved_tuned_once_a_study_has_a_best_trial(tuned, m
     (other / "tune.yaml").write_text(tuned["spec"].read_text().replace("study: unit", "study: never-run"))
     assert main(["ablations", "--spec", str(other / "ablations.yaml"), "--quick", "--only", "improved_tuned"]) == 2
     assert "no tuning study has a best trial on this data yet" in capsys.readouterr().err
+    # Named beside others, it is not dropped in silence either: nothing trains, the line says why.
+    assert main(["ablations", "--spec", str(other / "ablations.yaml"), "--quick", "--only", "baseline",
+                 "improved_tuned"]) == 2
+    assert "improved_tuned: no tuning study has a best trial on this data yet" in capsys.readouterr().err
 
 
 def test_a_study_searched_on_another_base_does_not_join_a_suite(tuned, monkeypatch, capsys):
