@@ -176,8 +176,11 @@ def predict_data(found: FoundModel, data: MOSIData, split: str = "test", batch_s
     table = pd.concat(frames, ignore_index=True)
     if split != "all":
         table = table.drop(columns="split")
-    if "label" in table and table["label"].isna().any():  # some splits labelled, some not
-        table["label"] = table["label"].astype(object).where(table["label"].notna(), "")
+    if "label" in table and table["label"].isna().any():  # some splits labelled, some not: blanks, and
+        # labels as written (2.4, not the float32's 2.4000000953674316)
+        table["label"] = table["label"].map("{:.7g}".format).where(table["label"].notna(), "")
+    if data.synthetic:  # the file travels alone: every row says what its figures come from
+        table["data"] = "SYNTHETIC (not a MOSI result)"
     notes = _notes(found, data, names)
     if undefined:
         notes.append(f"note: Corr is undefined (nan) on {' and '.join(undefined)}: its labels or the model's "
@@ -198,6 +201,9 @@ def _notes(found: FoundModel, data: MOSIData, splits: list[str]) -> list[str]:
     if tags.get("data_digest") == data.digest and seen:
         notes.append(f"note: the model was trained on this data; its {' and '.join(seen)} scores are not held "
                      "out (train fitted it, valid chose its checkpoint); only test is")
+    if tags.get("synthetic") == "true" and not data.synthetic:
+        notes.append("note: the model was trained on SYNTHETIC data (not MOSI): these are that model's scores, "
+                     "not those of a model trained on MOSI")
     logged, here = tags.get("code_version"), tracking.code_version()
     if logged and logged != here:
         notes.append(f"note: the model's run recorded code {logged}, this checkout is {here}: predict runs this "

@@ -198,7 +198,33 @@ def test_synthetic_data_is_labelled_so_in_every_result(at, capsys):
                  "--split", "valid", "--out", str(out)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("valid", "Wrote"))]
     assert len(lines) == 2 and all("SYNTHETIC" in line for line in lines)
-    assert torch.isfinite(torch.tensor(pd.read_csv(out)["prediction"].to_numpy())).all()
+    table = pd.read_csv(out)
+    assert torch.isfinite(torch.tensor(table["prediction"].to_numpy())).all()
+    assert set(table["data"]) == {"SYNTHETIC (not a MOSI result)"}     # the file says so too, row by row
+
+
+def test_a_model_trained_on_synthetic_data_says_so_on_real_data(at, capsys):
+    client = at["client"]
+    client.set_tag(at["run_id"], "synthetic", "true")
+    try:
+        assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
+                     "--out", str(at["tmp"] / "real.csv")]) == 0
+    finally:
+        client.set_tag(at["run_id"], "synthetic", "false")
+    assert "note: the model was trained on SYNTHETIC data (not MOSI)" in capsys.readouterr().out
+
+
+def test_labels_of_a_file_with_an_unlabelled_split_are_written_as_given(at, tmp_path):
+    raw = _raw(at["data"], splits=("valid", "test"))
+    del raw["valid"]["labels"]
+    write_pickle(raw, tmp_path / "mixed.pkl")
+    out = tmp_path / "mixed.csv"
+    assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", str(tmp_path / "mixed.pkl"),
+                 "--split", "all", "--out", str(out)]) == 0
+    written = [row.split(",")[-1] for row in out.read_text().splitlines()[1:]]
+    labels = at["data"]["test"].labels.numpy()
+    assert written[:len(at["data"]["valid"])] == [""] * len(at["data"]["valid"])
+    assert written[len(at["data"]["valid"]):] == [f"{v:.7g}" for v in labels]      # 2.4, not 2.4000000953674316
 
 
 def test_constant_labels_give_a_note_not_a_python_warning(at, capsys):
