@@ -212,12 +212,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                      "containers are allowed in a data file)")
 
 
+# What a pickle's place sometimes holds instead, by its first bytes
+_OTHER_FORMATS = {
+    b"\x1f\x8b": "a gzip-compressed file (decompress it first: gunzip)",
+    b"PK\x03\x04": "a zip archive (numpy's .npz is one)",
+    b"\x89HDF\r\n\x1a\n": "an HDF5 file (the CMU-MultimodalSDK's .csd files are HDF5)",
+}
+
+
 def safe_load_pickle(path: str | os.PathLike) -> Any:
     """Unpickle a data file, allowing only numpy arrays, dtypes and plain containers."""
     path = Path(path)
     raw = _read_bytes(path)
     if not raw:
         raise DataError(f"{path}: the file is empty, expected a pickle")
+    for magic, what in _OTHER_FORMATS.items():
+        if raw.startswith(magic):
+            raise DataError(f"{path}: {what}, expected a pickle (MultiBench mosi_raw.pkl, MulT mosi_data.pkl or "
+                            "MMSA aligned_50.pkl)")
     try:
         return _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except pickle.UnpicklingError as e:

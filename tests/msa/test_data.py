@@ -406,6 +406,21 @@ def test_not_a_file_not_a_pickle_and_truncated(tmp_path):
         load(_write(tmp_path, [1, 2, 3], "list.pkl"))
 
 
+def test_a_compressed_or_other_format_file_is_named_for_what_it_is(tmp_path):
+    import gzip
+
+    rng = np.random.default_rng(6)
+    whole = _write(tmp_path, {s: _split(rng, 4) for s in ("train", "valid", "test")})
+    packed = tmp_path / "mosi_raw.pkl.gz"
+    packed.write_bytes(gzip.compress(whole.read_bytes()))
+    with pytest.raises(DataError, match=r"mosi_raw.pkl.gz: a gzip-compressed file \(decompress it first"):
+        load(packed)
+    archive = tmp_path / "features.npz"
+    np.savez(archive, text=np.zeros((2, 3, 4)))
+    with pytest.raises(DataError, match=r"features.npz: a zip archive \(numpy's .npz is one\), expected a pickle"):
+        load(archive)
+
+
 def _fifo(tmp_path):
     path = tmp_path / "pipe"
     os.mkfifo(path)
