@@ -256,10 +256,11 @@ def test_a_job_that_finishes_while_a_stop_waits_is_reported_done():
         if started == {"late", "looping"}:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as raised:
         run_jobs(["late", "looping"], finishes_after_the_stop, setup=Setup(), workers=2, on_event=on_event,
                  on_done=done.append, start_together=True)
     assert done == ["late"]
+    assert type(raised.value) is KeyboardInterrupt                       # all stopped in time: not LeftRunning
 
 
 class _FakeClient:
