@@ -184,8 +184,7 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, *, tags: Mapp
             log_params(client, run_id, params)
         except Exception as e:  # never leave a RUNNING run (with a claim, maybe) that nobody will end
             with contextlib.suppress(Exception):
-                client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-                client.set_terminated(run_id, "FAILED")
+                end_failed(client, run_id, e)
             raise
     return run_id
 
@@ -220,12 +219,17 @@ def recorded_run(client: MlflowClient, run_id: str, *, finished_on: tuple[type[B
         client.set_terminated(run_id, RunStatus.KILLED)
         raise
     except BaseException as e:
-        _quietly(client.set_tag, run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-        _quietly(client.log_text, run_id, traceback.format_exc(), "error.txt")
-        client.set_terminated(run_id, RunStatus.FAILED)
+        end_failed(client, run_id, e)
         raise
     else:
         client.set_terminated(run_id, handle.status)
+
+
+def end_failed(client: MlflowClient, run_id: str, error: BaseException) -> None:
+    """End a run FAILED, with the error as a tag and the traceback being handled in error.txt."""
+    _quietly(client.set_tag, run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    _quietly(client.log_text, run_id, traceback.format_exc(), "error.txt")
+    client.set_terminated(run_id, RunStatus.FAILED)
 
 
 def _quietly(call, *args) -> None:

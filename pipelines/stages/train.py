@@ -128,12 +128,11 @@ def execute(task: RunTask, data: MOSIData, threads: int | None = None, progress:
                                         tags=tags, params=params, parent_run_id=task.parent_run_id)
             taken = claims.settle(client, task.experiment_id, task.run_key, run_id)
     except Exception as e:  # the store or the device failed before training: this run fails, not the suite
-        error = f"{type(e).__name__}: {e}"
-        if run_id is not None:
+        if run_id is not None:  # started, then its claim could not be settled
             with contextlib.suppress(Exception):
-                client.set_tag(run_id, "error", error[:5000])
-                client.set_terminated(run_id, "FAILED")
-        return RunOutcome(task.ablation, task.seed, RunStatus.FAILED, run_id, time.monotonic() - start, error=error)
+                tracking.end_failed(client, run_id, e)
+        return RunOutcome(task.ablation, task.seed, RunStatus.FAILED, run_id, time.monotonic() - start,
+                          error=f"{type(e).__name__}: {e}")
     if taken is not None:
         return _done_elsewhere(task, taken, time.monotonic() - start)
     try:
