@@ -1,5 +1,6 @@
 """`predict`: a logged or registered model applied to a file; dims checked, labels optional, every URI form."""
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -86,6 +87,16 @@ def at(made, monkeypatch):
     return made
 
 
+@contextlib.contextmanager
+def _tagged(at, key, value):
+    """The champion's run with one more tag, for the block only (the store is the module's)."""
+    at["client"].set_tag(at["run_id"], key, value)
+    try:
+        yield
+    finally:
+        at["client"].delete_tag(at["run_id"], key)
+
+
 def _expected(at, split="test"):
     """The registered model's predictions on `split`, computed directly."""
     from msa.training import predict
@@ -155,13 +166,9 @@ def test_a_downloaded_model_folder_predicts_anywhere_without_a_store(at, capsys,
 
 
 def test_a_model_of_other_code_is_said_and_a_user_who_refuses_pickles_is_heard(at, capsys, monkeypatch):
-    client = at["client"]
-    client.set_tag(at["run_id"], "code_version", "0123456789ab")
-    try:
+    with _tagged(at, "code_version", "0123456789ab"):
         assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
                      "--out", str(at["tmp"] / "p.csv")]) == 0
-    finally:
-        client.delete_tag(at["run_id"], "code_version")
     assert ("note: the model's run recorded code 0123456789ab, this checkout is "
             f"{tracking.code_version()}: predict runs this checkout's msa code") in capsys.readouterr().out
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")    # the user's choice, kept
@@ -204,13 +211,9 @@ def test_synthetic_data_is_labelled_so_in_every_result(at, capsys):
 
 
 def test_a_model_trained_on_synthetic_data_says_so_on_real_data(at, capsys):
-    client = at["client"]
-    client.set_tag(at["run_id"], "synthetic", "true")
-    try:
+    with _tagged(at, "synthetic", "true"):
         assert main(["predict", "--model", f"models:/{EXPERIMENT}@champion", "--data", "labelled.pkl",
                      "--out", str(at["tmp"] / "real.csv")]) == 0
-    finally:
-        client.set_tag(at["run_id"], "synthetic", "false")
     assert "note: the model was trained on SYNTHETIC data (not MOSI)" in capsys.readouterr().out
 
 
